@@ -1,0 +1,367 @@
+"""Prompt-to-Prompt attention control through diffusers attention processors (Hertz et al. 2022).
+
+- :class:`ControlledAttnProcessor` computes explicit attention probabilities
+  (``attn.get_attention_scores``) and hands them to a controller; only the layers
+  a controller asks for get it, every other layer keeps its own (SDPA) processor.
+- :func:`attention_control` installs the processors for the duration of a
+  ``with`` block and restores the originals in ``finally``; it refuses to run
+  when no layer was registered.
+- :class:`PromptToPrompt` is the controller: it stores cross-attention maps and
+  edits the target rows (replace / refine via a token mapper, reweight, self-attention
+  injection). :class:`LocalBlend` turns stored maps into a latent mask.
+
+Batch layout (rows of the UNet batch): with classifier-free guidance the first
+half is unconditional, the second conditional; controllers act on the conditional
+half only. Within a half, row 0 is the source branch and rows ``1..K`` the targets.
+The sampling loop sets the current step with :meth:`AttentionController.set_step`;
+nothing here counts calls.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+#: Self-attention injection only on maps with at most this fraction of the latent's
+#: positions (the published notebook: 32x32 maps at a 64x64 latent, i.e. 1/4).
+SELF_REPLACE_MAX_FRACTION = 0.25
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One attention layer: processor name, cross or self, and its map size (h, w)."""
+
+    name: str
+    cross: bool
+    size: tuple[int, int]
+
+    @property
+    def queries(self) -> int:
+        return self.size[0] * self.size[1]
+
+
+def describe_layers(unet: torch.nn.Module, latent_hw: tuple[int, int]) -> dict[str, LayerInfo]:
+    """Map every attention processor name of ``unet`` to its :class:`LayerInfo`.
+
+    Map sizes follow the UNet's own structure: ``down_blocks[i]`` works at the latent
+    size halved (rounding up, like a stride-2 conv with padding 1) once per earlier
+    downsampler, the mid block at the deepest size, ``up_blocks[i]`` mirrors
+    ``down_blocks[n-1-i]``. Processors check the query count at call time.
+    """
+    h, w = int(latent_hw[0]), int(latent_hw[1])
+    down_sizes = []
+    for block in unet.down_blocks:
+        down_sizes.append((h, w))
+        if getattr(block, "downsamplers", None):
+            h, w = math.ceil(h / 2), math.ceil(w / 2)
+    n = len(down_sizes)
+    out = {}
+    for name in unet.attn_processors:
+        parts = name.split(".")
+        if parts[0] == "down_blocks":
+            size = down_sizes[int(parts[1])]
+        elif parts[0] == "up_blocks":
+            size = down_sizes[n - 1 - int(parts[1])]
+        elif parts[0] == "mid_block":
+            size = (h, w)
+        else:
+            raise ValueError(f"attention layer {name!r}: unknown UNet block; cannot size its maps")
+        module = unet.get_submodule(name.rsplit(".", 1)[0])
+        out[name] = LayerInfo(name, bool(getattr(module, "is_cross_attention", False)), size)
+    return out
+
+
+class AttentionController:
+    """Base controller: decides which layers it needs and edits their probabilities.
+
+    ``step`` is set by the sampling loop (:meth:`set_step`) before each UNet call.
+    """
+
+    def __init__(self) -> None:
+        self.step: int | None = None
+
+    def set_step(self, step: int) -> None:
+        self.step = int(step)
+
+    def wants(self, layer: LayerInfo) -> bool:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def __call__(self, probs: torch.Tensor, layer: LayerInfo, heads: int) -> torch.Tensor:
+        raise NotImplementedError  # pragma: no cover - interface
+
+
+class ControlledAttnProcessor:
+    """``AttnProcessor`` with explicit probabilities passed through a controller."""
+
+    def __init__(self, controller: AttentionController, layer: LayerInfo) -> None:
+        self.controller = controller
+        self.layer = layer
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args,
+        **kwargs,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        )
+        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        if hidden_states.shape[1] != self.layer.queries:
+            raise RuntimeError(
+                f"attention layer {self.layer.name}: expected {self.layer.size[0]}x{self.layer.size[1]}"
+                f" = {self.layer.queries} queries, got {hidden_states.shape[1]}; the UNet's "
+                "structure does not match describe_layers()"
+            )
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        query = attn.head_to_batch_dim(query)
+        key = attn.head_to_batch_dim(key)
+        value = attn.head_to_batch_dim(value)
+
+        probs = attn.get_attention_scores(query, key, attention_mask)
+        probs = self.controller(probs, self.layer, attn.heads)
+        hidden_states = torch.bmm(probs.to(value.dtype), value)
+        hidden_states = attn.batch_to_head_dim(hidden_states)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+@contextmanager
+def attention_control(
+    unet: torch.nn.Module, controller: AttentionController, latent_hw: tuple[int, int]
+) -> Iterator[list[LayerInfo]]:
+    """Install :class:`ControlledAttnProcessor` on the layers ``controller`` wants.
+
+    Yields the registered layers; the UNet's original processors come back in
+    ``finally``, also when sampling fails. Raises ``RuntimeError`` when no layer
+    was registered (a controller that silently does nothing is a bug).
+    """
+    originals = dict(unet.attn_processors)
+    layers = describe_layers(unet, latent_hw)
+    procs, registered = {}, []
+    for name, orig in originals.items():
+        info = layers[name]
+        if controller.wants(info):
+            procs[name] = ControlledAttnProcessor(controller, info)
+            registered.append(info)
+        else:
+            procs[name] = orig
+    if not registered:
+        raise RuntimeError(
+            f"attention control registered no layer out of {len(originals)} attention "
+            "processors; the controller would silently do nothing"
+        )
+    unet.set_attn_processor(procs)
+    try:
+        yield registered
+    finally:
+        unet.set_attn_processor(originals)
+
+
+class AttentionStore:
+    """Running sums of conditional cross-attention maps, averaged over heads.
+
+    ``sums[(h, w)]`` is ``rows x (h*w) x tokens``: summed over the layers of that
+    size and over steps (P2P's ``attention_store``); ``counts`` the number of terms.
+    """
+
+    def __init__(self, sizes: set[tuple[int, int]]) -> None:
+        self.sizes = set(sizes)
+        self.sums: dict[tuple[int, int], torch.Tensor] = {}
+        self.counts: dict[tuple[int, int], int] = {}
+
+    def add(self, size: tuple[int, int], maps: torch.Tensor) -> None:
+        maps = maps.detach().float()
+        if size in self.sums:
+            self.sums[size] += maps
+            self.counts[size] += 1
+        else:
+            self.sums[size] = maps.clone()
+            self.counts[size] = 1
+
+    def average(self, sizes: list[tuple[int, int]] | None = None) -> torch.Tensor | None:
+        """Mean map over the given sizes, at the largest of them: ``rows x tokens x h x w``."""
+        sizes = [s for s in (sizes or sorted(self.sums)) if s in self.sums]
+        if not sizes:
+            return None
+        top = max(sizes, key=lambda s: s[0] * s[1])
+        out = None
+        for s in sizes:
+            m = self.sums[s] / self.counts[s]  # rows x q x L
+            m = m.permute(0, 2, 1).reshape(m.shape[0], m.shape[2], *s)
+            if s != top:
+                m = F.interpolate(m, size=top, mode="bilinear", align_corners=False)
+            out = m if out is None else out + m
+        return out / len(sizes)
+
+
+class PromptToPrompt(AttentionController):
+    """P2P controller for one source row and ``K`` target rows (Hertz et al. 2022, sec. 3.2).
+
+    Cross-attention of target ``k``: ``a * (A_src @ M_k) + (1 - a) * A_k`` with
+    ``a = cross_alpha[step, k] * token_alpha[k]`` (replace: ``token_alpha = 1``; refine:
+    0 on new tokens), then multiplied column-wise by ``equalizer[k]`` (reweight) while
+    ``step < reweight_until``. Self-attention of targets is replaced by the source's
+    for ``self_window[0] <= step < self_window[1]`` on layers with at most
+    ``self_max_queries`` queries. Cross maps of layers whose size is in ``store_sizes``
+    are stored (before editing) for local blending and display.
+    """
+
+    def __init__(
+        self,
+        *,
+        rows: int,
+        mapper: torch.Tensor | None = None,
+        token_alpha: torch.Tensor | None = None,
+        cross_alpha: torch.Tensor | None = None,
+        self_window: tuple[int, int] = (0, 0),
+        self_max_queries: int = 0,
+        equalizer: torch.Tensor | None = None,
+        reweight_until: int = 0,
+        store_sizes: set[tuple[int, int]] | None = None,
+    ) -> None:
+        super().__init__()
+        if rows < 1:
+            raise ValueError("need at least the source row")
+        k = rows - 1
+        for name, t, dims, axis in (("mapper", mapper, 3, 0), ("token_alpha", token_alpha, 2, 0),
+                                    ("cross_alpha", cross_alpha, 3, 1), ("equalizer", equalizer, 2, 0)):
+            if t is not None and (t.ndim != dims or t.shape[axis] != k):
+                raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {dims} dims for {k} targets")
+        self.rows = rows
+        self.mapper = mapper
+        self.token_alpha = token_alpha
+        self.cross_alpha = cross_alpha
+        self.self_window = self_window
+        self.self_max_queries = int(self_max_queries)
+        self.equalizer = equalizer
+        self.reweight_until = int(reweight_until)
+        self.store = AttentionStore(store_sizes or set())
+
+    @property
+    def edits_cross(self) -> bool:
+        return self.rows > 1 and self.mapper is not None
+
+    @property
+    def edits_self(self) -> bool:
+        return self.rows > 1 and self.self_window[1] > self.self_window[0] and self.self_max_queries > 0
+
+    def wants(self, layer: LayerInfo) -> bool:
+        if layer.cross:
+            return self.edits_cross or layer.size in self.store.sizes
+        return self.edits_self and layer.queries <= self.self_max_queries
+
+    def __call__(self, probs: torch.Tensor, layer: LayerInfo, heads: int) -> torch.Tensor:
+        if self.step is None:
+            raise RuntimeError("PromptToPrompt: set_step() was not called before the UNet ran")
+        total = probs.shape[0] // heads
+        if total < self.rows:
+            raise RuntimeError(f"attention batch has {total} rows, the controller expects {self.rows}")
+        p = probs.view(total, heads, *probs.shape[1:])
+        cond = p[total - self.rows :]  # view: edits write through into probs
+        step = self.step
+        if layer.cross:
+            if layer.size in self.store.sizes:
+                self.store.add(layer.size, cond.mean(1))
+            if self.edits_cross:
+                base, own = cond[0], cond[1:]
+                mapped = torch.einsum("hqi,kij->khqj", base, self.mapper.to(base))
+                a = self.cross_alpha[min(step, self.cross_alpha.shape[0] - 1)].to(base)
+                if self.token_alpha is not None:
+                    a = a * self.token_alpha.to(base)
+                a = a[:, None, None, :]
+                new = a * mapped + (1 - a) * own
+                if self.equalizer is not None and step < self.reweight_until:
+                    new = new * self.equalizer.to(base)[:, None, None, :]
+                cond[1:] = new
+        elif self.edits_self and self.self_window[0] <= step < self.self_window[1]:
+            if layer.queries <= self.self_max_queries:
+                cond[1:] = cond[:1].expand_as(cond[1:])
+        return probs
+
+
+class LocalBlend:
+    """Keep everything outside the edited words' region (P2P local blending, sec. 3.3).
+
+    ``add`` / ``subtract`` are ``rows x tokens`` weights selecting each row's words.
+    At steps ``>= start``: average the selected words' stored maps (``sizes``),
+    max-pool 3x3 (the subtract mask is not pooled), resize to the latent, normalise
+    by the max, threshold, union with the source row's mask, and set
+    ``x_k = x_src + mask_k * (x_k - x_src)``.
+    """
+
+    def __init__(
+        self,
+        add: torch.Tensor,
+        sizes: list[tuple[int, int]],
+        *,
+        start: int,
+        threshold: float = 0.3,
+        subtract: torch.Tensor | None = None,
+    ) -> None:
+        if not sizes:
+            raise ValueError("local blending needs at least one stored map size")
+        self.add, self.subtract = add, subtract
+        self.sizes = list(sizes)
+        self.start = int(start)
+        self.threshold = float(threshold)
+        self.last_mask: torch.Tensor | None = None
+
+    def mask(self, store: AttentionStore, latent_hw: tuple[int, int]) -> torch.Tensor | None:
+        """Boolean mask ``rows x 1 x h x w`` at latent size (None before any map was stored)."""
+        maps = store.average(self.sizes)  # rows x L x h x w
+        if maps is None:
+            return None
+        m = self._mask(maps, self.add, latent_hw, pool=True)
+        if self.subtract is not None:
+            m = m & ~self._mask(maps, self.subtract, latent_hw, pool=False)
+        return m
+
+    def _mask(self, maps: torch.Tensor, weights: torch.Tensor, hw: tuple[int, int], pool: bool) -> torch.Tensor:
+        w = weights.to(maps)[:, :, None, None]
+        m = (maps * w).sum(1, keepdim=True)  # rows x 1 x h x w
+        if pool:
+            m = F.max_pool2d(m, 3, stride=1, padding=1)
+        m = F.interpolate(m, size=tuple(hw), mode="nearest")
+        mx = m.amax(dim=(2, 3), keepdim=True)
+        m = torch.where(mx > 0, m / mx.clamp_min(1e-12), torch.zeros_like(m)) > self.threshold
+        return m[:1] | m
+
+    def __call__(self, latents: torch.Tensor, store: AttentionStore, step: int) -> torch.Tensor:
+        if step < self.start:
+            return latents
+        mask = self.mask(store, tuple(latents.shape[-2:]))
+        if mask is None:
+            return latents
+        self.last_mask = mask
+        src = latents[:1]
+        return src + mask.to(latents.dtype) * (latents - src)

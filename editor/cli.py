@@ -1,0 +1,462 @@
+"""The ``pivot-edit`` command line.
+
+One function per subcommand (``cmd_generate``, ``cmd_ui``, ...), all registered
+in :func:`build_parser`. Engine errors (``ValueError``) become one line
+``pivot-edit: error: ...`` and exit status 2. ``pivot-edit bench <what>``
+prints JSON.
+
+    pivot-edit generate "a red circle on a white background" -o out.png --model shapes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .model import Editor
+
+PROG = "pivot-edit"
+
+
+# -- shared helpers ---------------------------------------------------------------------------
+
+
+def add_model_args(parser: argparse.ArgumentParser, *, default: str = "auto") -> None:
+    """Options every model-loading subcommand shares: --model, --device, --dtype."""
+    parser.add_argument(
+        "--model", default=default,
+        help="'auto' (SD 1.5 if cached or reachable, else the bundled model), 'shapes' "
+             "(bundled), a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5, "
+             f"or a local diffusers folder (default: {default})",
+    )
+    parser.add_argument("--device", default=None,
+                        help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                        help="weights dtype (default: float32 on CPU, float16 on GPU)")
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    """--seed, --steps, --guidance (DDIM sampling with classifier-free guidance)."""
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--steps", type=int, default=50, help="DDIM steps (default: 50)")
+    parser.add_argument("--guidance", type=float, default=7.5,
+                        help="classifier-free guidance scale (default: 7.5)")
+
+
+def quiet_libraries() -> None:
+    """Keep diffusers/transformers to errors only and hide their loading bars (CLI output
+    should be our own lines; the sampling progress bars we own stay)."""
+    import warnings
+
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    for log in (dlog, tlog):
+        log.set_verbosity_error()
+        log.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"diffusers\..*")
+
+
+def load_editor(args: argparse.Namespace) -> Editor:
+    """Load the model named by ``args.model``; print the fallback notice (if any) to stderr."""
+    from .model import Editor
+
+    quiet_libraries()
+    editor = Editor.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    if editor.notice:
+        print(editor.notice, file=sys.stderr)
+    return editor
+
+
+def _save_image(image, out: Path) -> Path:
+    """Write ``image`` atomically (a temporary file renamed into place): nothing half-written."""
+    out = Path(out)
+    if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+        raise ValueError(f"output {str(out)!r} must end in .png, .jpg, .jpeg or .webp")
+    if not out.parent.is_dir():
+        raise ValueError(f"output folder {str(out.parent)!r} does not exist")
+    tmp = out.with_name(f".{out.name}.tmp{out.suffix}")
+    image.save(tmp)
+    tmp.replace(out)
+    return out
+
+
+# -- subcommands ------------------------------------------------------------------------------
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Text to image."""
+    out = Path(args.output)
+    if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):  # fail before loading
+        raise ValueError(f"output {str(out)!r} must end in .png, .jpg, .jpeg or .webp")
+    editor = load_editor(args)
+    image = editor.generate(args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance)
+    _save_image(image, out)
+    print(out)
+    return 0
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def parse_auth(text: str | None) -> tuple[str, str] | None:
+    """``"user:pass"`` -> ``("user", "pass")`` for the web app's basic login (None: no login)."""
+    if text is None:
+        return None
+    user, sep, password = text.partition(":")
+    if not sep or not user or not password:
+        raise ValueError("--auth must be USER:PASSWORD, both non-empty")
+    return user, password
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    """Start the web app (ui/app.py) on ``--host``:``--port``; loopback unless told otherwise."""
+    import os
+
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    auth = parse_auth(args.auth)
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in 0..65535, got {args.port}")
+    try:
+        from ui.app import build_demo
+    except ImportError as exc:
+        raise ValueError(f"the web app needs gradio ({exc}); pip install 'pivot-edit[ui]'") from None
+    if args.host not in LOOPBACK and auth is None and not args.share:
+        print(f"warning: serving on {args.host} without --auth: anyone who can reach this "
+              "machine can use the model", file=sys.stderr)
+    if args.share and auth is None:
+        print("warning: --share without --auth: anyone with the link can use the model",
+              file=sys.stderr)
+    editor = load_editor(args)
+    demo = build_demo(editor)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
+                max_file_size=args.max_file_size, footer_links=["api"])
+    return 0
+
+
+def machine_description() -> dict[str, str | int | None]:
+    """Where a benchmark ran: OS, Python, torch, CPU count and accelerator name."""
+    import os
+    import platform
+
+    import torch
+
+    info: dict[str, str | int | None] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "accelerator": None,
+    }
+    if torch.cuda.is_available():
+        info["accelerator"] = torch.cuda.get_device_name()
+    return info
+
+
+def cmd_bench_model(args: argparse.Namespace) -> int:
+    """Time loading the model and one generation; print JSON."""
+    import torch
+
+    t0 = time.perf_counter()
+    editor = load_editor(args)
+    load_s = time.perf_counter() - t0
+
+    def _sync() -> None:
+        if editor.device.type == "cuda":
+            torch.cuda.synchronize(editor.device)
+
+    prompt = args.prompt
+    editor.generate(prompt, seed=args.seed, steps=1, guidance=args.guidance)  # warm-up
+    _sync()
+    t0 = time.perf_counter()
+    editor.generate(prompt, seed=args.seed, steps=args.steps, guidance=args.guidance)
+    _sync()
+    gen_s = time.perf_counter() - t0
+    result = {
+        "model_id": editor.model_id,
+        "fingerprint": editor.fingerprint,
+        "device": str(editor.device),
+        "dtype": str(editor.dtype).removeprefix("torch."),
+        "native_size": editor.native_size,
+        "load_seconds": round(load_s, 3),
+        "steps": args.steps,
+        "generate_seconds": round(gen_s, 3),
+        "machine": machine_description(),
+    }
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    """Invert each manifest image once and apply its edits; exit 1 if any item failed."""
+    from .batch import plan, read_manifest, run_batch
+
+    items = read_manifest(args.manifest)  # ManifestError (a ValueError) -> exit 2
+    defaults = {"method": args.method, "steps": args.steps, "guidance": args.guidance,
+                "num_inner_steps": args.num_inner_steps}
+    if args.dry_run:
+        print("\n".join(plan(items, args.out, defaults=defaults,
+                             reconstruction=not args.no_reconstruction)))
+        return 0
+    report = run_batch(lambda: load_editor(args), items, args.out, defaults=defaults,
+                       reconstruction=not args.no_reconstruction, use_cache=not args.no_cache,
+                       manifest=str(args.manifest))
+    for rec in report.failed:
+        print(f"{PROG}: item {rec.id} failed: {rec.error}", file=sys.stderr)
+    n = len(report.records)
+    print(f"{n - len(report.failed)}/{n} item(s) ok; summary: {Path(args.out) / 'summary.json'}")
+    return report.exit_status
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Run images x edits through several configurations; write grid, tables, raw outputs."""
+    from . import compare as C
+
+    def csv_list(text: str | None) -> list[str] | None:
+        return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+    invert = {k: v for k, v in {"steps": args.steps, "guidance": args.guidance,
+                                "num_inner_steps": args.num_inner_steps}.items() if v is not None}
+    base_edit = C.PIE_P2P if args.pie_bench else None  # PIE-Bench's published P2P settings
+    configs = C.default_configs(csv_list(args.methods) or C.METHODS, csv_list(args.leakage),
+                                invert=invert, edit=base_edit) if not args.config or args.methods else []
+    configs += [C.parse_config(spec, invert) for spec in args.config or []]
+    notes: list[str] = []
+    if args.bench == "shapes":
+        title = "ShapesBench"
+        if args.steps is None:  # a few minutes on CPU; --steps 50 for the published protocol
+            for cfg in configs:
+                cfg.invert.setdefault("steps", C.SHAPES_BENCH_STEPS)
+        editor = load_editor(args)
+        cases = C.shapes_bench(args.n, seed=args.seed, size=editor.native_size)
+        convention = args.mask_convention or "select"
+    else:
+        if args.pie_bench:
+            title = "PIE-Bench"
+            notes.append(C.PIE_NOTE)
+            cases = C.load_pie_bench(args.pie_bench, types=csv_list(args.pie_types), limit=args.limit)
+            convention = args.mask_convention or "zero"
+        else:
+            title = f"comparison on {args.manifest}"
+            cases = C.manifest_cases(args.manifest)[: args.limit]
+            convention = args.mask_convention or "select"
+        editor = load_editor(args)
+    report = C.run_compare(editor, cases, configs, args.out, convention=convention,
+                           use_cache=not args.no_cache, title=title, notes=notes)
+    print(C.markdown_table(report.summary()))
+    for note in report.notes:
+        print(f"note: {note}")
+    out = Path(args.out)
+    print(f"grid: {out / 'grid.png'}; tables: {out / 'metrics.csv'}, {out / 'summary.md'}")
+    return 0
+
+
+# -- parser -----------------------------------------------------------------------------------
+
+
+def cmd_invert(args: argparse.Namespace) -> int:
+    """Invert an image under its caption and save the inversion (safetensors + JSON)."""
+    out = Path(args.output)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"output {str(out)!r} must end in .safetensors")
+    if not out.parent.is_dir():
+        raise ValueError(f"output folder {str(out.parent)!r} does not exist")
+    from .images import load_image
+
+    load_image(args.image)  # a bad file fails before the model loads
+    editor = load_editor(args)
+    inv = editor.invert(args.image, args.prompt, method=args.method, steps=args.steps,
+                        guidance=args.guidance, num_inner_steps=args.inner_steps,
+                        early_stop_epsilon=None if args.no_early_stop else args.early_stop)
+    inv.save(out)
+    print(f"{out}  ({inv.method}, {inv.steps} steps, {inv.stats['seconds']:.1f} s)")
+    return 0
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> int:
+    """Sample an inversion back to an image with its own prompt."""
+    from .inversion import Inversion
+
+    inv = Inversion.load(args.inversion)
+    editor = load_editor(args)
+    out = _save_image(editor.reconstruct(inv), Path(args.output))
+    print(out)
+    return 0
+
+
+def cmd_bench_inversion(args: argparse.Namespace) -> int:
+    """Reconstruction PSNR and seconds per inversion method, plus the published loop's time."""
+    from .bench import bench_inversion
+
+    editor = load_editor(args)
+    print(json.dumps(bench_inversion(editor, steps=args.steps, guidance=args.guidance,
+                                     reference=not args.no_reference), indent=1))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full ``pivot-edit`` parser; each subparser sets ``func`` to its ``cmd_*``."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Edit real images with Stable Diffusion: null-text inversion + "
+                    "Prompt-to-Prompt, with leakage controls.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("generate", help="generate an image from a prompt",
+                       description="Generate an image from a text prompt.")
+    p.add_argument("prompt", metavar="PROMPT", help="what to draw")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.png", help="image file to write")
+    add_model_args(p)
+    add_sampling_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("ui", help="start the web app",
+                       description="Start the web app (Gradio) in the browser. It listens on "
+                                   "127.0.0.1 only unless --host or --share says otherwise.")
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on; 0.0.0.0 for every interface (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
+    p.add_argument("--share", action="store_true",
+                   help="also open a public *.gradio.live link (needs network access)")
+    p.add_argument("--auth", default=None, metavar="USER:PASSWORD",
+                   help="require this login (HTTP form login of Gradio)")
+    p.add_argument("--max-file-size", default="10mb", metavar="SIZE",
+                   help="largest upload, e.g. 10mb, 500kb (default: 10mb)")
+    p.set_defaults(func=cmd_ui)
+
+    bench = sub.add_parser("bench", help="measure speed (prints JSON)",
+                           description="Benchmarks; each prints one JSON object.")
+    bench_sub = bench.add_subparsers(dest="bench_command", metavar="WHAT", required=True)
+
+    p = bench_sub.add_parser("model", help="load time and one generation",
+                             description="Time loading the model and one generation.")
+    add_model_args(p, default="shapes")
+    add_sampling_args(p)
+    p.add_argument("--prompt", default="a red circle on a white background")
+    p.set_defaults(func=cmd_bench_model)
+
+    p = bench_sub.add_parser(
+        "inversion", help="reconstruction PSNR and speed of each inversion method",
+        description="Invert fixed generator scenes with every method; report PSNR beside the "
+                    "VAE ceiling and seconds, and time the published null-text loop.")
+    add_model_args(p, default="shapes")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default: 50)")
+    p.add_argument("--guidance", type=float, default=7.5, help="guidance (default: 7.5)")
+    p.add_argument("--no-reference", action="store_true", help="skip the published loop")
+    p.set_defaults(func=cmd_bench_inversion)
+
+    p = sub.add_parser("invert", help="invert an image under its caption",
+                       description="Invert IMAGE under its caption; write an inversion file "
+                                   "(safetensors with JSON metadata) that edits reuse.")
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("--prompt", required=True, help="caption of the image")
+    p.add_argument("--method", default="null-text",
+                   choices=["null-text", "negative-prompt", "direct", "ddim"],
+                   help="inversion method (default: null-text)")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default: 50)")
+    p.add_argument("--guidance", type=float, default=7.5, help="guidance (default: 7.5)")
+    p.add_argument("--inner-steps", type=int, default=10,
+                   help="null-text: Adam steps per timestep (default: 10)")
+    p.add_argument("--early-stop", type=float, default=1e-5,
+                   help="null-text: stop a timestep when loss < this + i*2e-5 (default: 1e-5)")
+    p.add_argument("--no-early-stop", action="store_true", help="always run every inner step")
+    p.add_argument("-o", "--output", required=True, metavar="FILE.safetensors")
+    add_model_args(p)
+    p.set_defaults(func=cmd_invert)
+
+    p = sub.add_parser("reconstruct", help="sample an inversion back to an image",
+                       description="Guided sampling from an inversion with its own prompt.")
+    p.add_argument("inversion", metavar="FILE.safetensors")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.png")
+    add_model_args(p)
+    p.set_defaults(func=cmd_reconstruct)
+
+    p = sub.add_parser(
+        "batch", help="edit many images from a manifest (JSON Lines, YAML or CSV)",
+        description="Invert each image of MANIFEST once and apply all its edits. Outputs go to "
+                    "OUT/<id>/<n>-<target>.png with OUT/summary.json; a rerun resumes. Exit "
+                    "status 1 when an item failed, 2 when the manifest cannot be read.")
+    p.add_argument("manifest", metavar="MANIFEST", type=Path, help=".jsonl, .yaml/.yml or .csv")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
+    add_model_args(p)
+    p.add_argument("--method", default=None,
+                   choices=["null-text", "negative-prompt", "direct", "ddim"],
+                   help="inversion method for items that do not set one (default: null-text)")
+    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: 50)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: 7.5)")
+    p.add_argument("--num-inner-steps", type=int, default=None,
+                   help="null-text optimisation steps per timestep (default: 10)")
+    p.add_argument("--no-reconstruction", action="store_true",
+                   help="do not write OUT/<id>/reconstruction.png")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write OUT/.cache")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate the manifest and print the plan; load no model")
+    p.set_defaults(func=cmd_batch)
+
+    p = sub.add_parser(
+        "compare", help="compare inversion methods / edit options on the same edits",
+        description="Run images x edits through several configurations (inversion methods x "
+                    "leakage modes, plus --config ones) and write OUT/grid.png, OUT/metrics.csv, "
+                    "OUT/summary.csv, OUT/summary.md and OUT/raw/.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--bench", choices=["shapes"], help="built-in ShapesBench (exact ground truth)")
+    src.add_argument("--pie-bench", metavar="DIR",
+                     help="PIE-Bench folder (mapping_file.json + annotation_images/)")
+    src.add_argument("--manifest", metavar="MANIFEST", help="a batch manifest (.jsonl/.yaml/.csv)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
+    add_model_args(p, default="shapes")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated inversion methods (default: ddim,null-text,"
+                        "negative-prompt,direct; none when only --config is given)")
+    p.add_argument("--leakage", default=None,
+                   help="comma-separated leakage modes to cross with the methods, e.g. "
+                        "none,replace,project (default: the engine's default)")
+    p.add_argument("--config", action="append", metavar="NAME:KEY=VALUE,...",
+                   help="an extra configuration, e.g. 'nti-06:method=null-text,cross_replace=0.6' "
+                        "(repeatable; keys: inversion options or editor.edit options)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="DDIM steps (default: 50; 20 for --bench shapes)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: 7.5)")
+    p.add_argument("--num-inner-steps", type=int, default=None,
+                   help="null-text optimisation steps per timestep (default: 10)")
+    p.add_argument("--n", type=int, default=3, help="ShapesBench cases per kind (default: 3)")
+    p.add_argument("--seed", type=int, default=0, help="ShapesBench seed (default: 0)")
+    p.add_argument("--pie-types", default=None,
+                   help="PIE-Bench editing_type_id values to keep, comma-separated (default: all)")
+    p.add_argument("--limit", type=int, default=None, help="use at most this many cases")
+    p.add_argument("--mask-convention", choices=["select", "zero"], default=None,
+                   help="background metrics over the pixels outside the mask ('select') or over "
+                        "the whole image with the mask zeroed as PIE-Bench does ('zero'; default "
+                        "for --pie-bench)")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write OUT/.cache")
+    p.set_defaults(func=cmd_compare)
+
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``pivot-edit`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ValueError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,254 @@
+"""Leakage controls on text-encoder output: embedding projection and token replacement.
+
+Both act after the text encoder and before the UNet, on ``X`` (``... x L x D``,
+tokens as rows), so they work for any batch size, token count and width.
+
+- Projection (DECOR, Jang et al. 2024, arXiv 2412.09169, eq. for ``X'``):
+  ``P = V~ V~^T`` from the right singular vectors of the undesired rows ``X~``
+  and ``X' = X - a X P`` on the chosen rows.
+- Token-representation replacement (Follow the Flow, arXiv 2504.01137):
+  the rows of a protected item are replaced by the item encoded alone, aligned
+  to the same token positions.
+
+:func:`protect_embeddings` ties them to prompts. Choices (measured on the
+bundled model, see the README's "Leakage controls" section):
+
+- Undesired directions for projection: the rows of the *edited* words (target
+  tokens that differ from ``source_prompt``) when a source prompt is given,
+  else the rows of every other word of the prompt (not BOS, EOS, padding or
+  punctuation); each row minus the mean of the prompt's word rows, because all
+  CLIP rows share one dominant direction (cosine ~0.9) that must be kept.
+- Rows touched: ``rows="item"`` (the default) touches only the protected
+  phrase's tokens; ``rows="item+end"`` also touches the EOS and padding rows,
+  which in a causal encoder summarise the whole prompt.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .model import Editor
+
+MODES = ("none", "project", "replace", "both")
+ROWS = ("item", "item+end")
+_WORD = re.compile(r"[0-9a-z]", re.IGNORECASE)
+
+
+# -- pure tensor functions -----------------------------------------------------------------------
+
+
+def projection_matrix(undesired_rows: torch.Tensor, rtol: float = 1e-3) -> torch.Tensor:
+    """``P = V~ V~^T`` (DECOR): projector onto the row space of ``undesired_rows`` (``... x k x d``).
+
+    Rank-tolerant: only right singular vectors whose singular value exceeds
+    ``rtol * max`` are kept, so duplicated or zero rows are fine; no rows (or
+    all-zero rows) give the zero matrix. Returns ``... x d x d`` in float32.
+    """
+    if undesired_rows.dim() < 2:
+        raise ValueError(f"undesired_rows must be k x d (got shape {tuple(undesired_rows.shape)})")
+    if not 0 <= rtol < 1:
+        raise ValueError(f"rtol must be in [0, 1), got {rtol}")
+    x = undesired_rows.float()
+    d = x.shape[-1]
+    if x.shape[-2] == 0:
+        return x.new_zeros(*x.shape[:-2], d, d)
+    _, s, vh = torch.linalg.svd(x, full_matrices=False)  # s: ... x r, vh: ... x r x d
+    smax = s.amax(dim=-1, keepdim=True)
+    keep = ((s > rtol * smax) & (smax > 0)).to(x.dtype)
+    v = vh.transpose(-1, -2) * keep.unsqueeze(-2)  # ... x d x r, dropped directions zeroed
+    return v @ v.transpose(-1, -2)
+
+
+def project_out(
+    x: torch.Tensor, rows_idx: Sequence[int], p: torch.Tensor, strength: float = 1.0
+) -> torch.Tensor:
+    """``X' = X - a X P`` on the rows ``rows_idx`` of ``x`` (``... x L x d``); other rows unchanged.
+
+    ``a = 1`` leaves the chosen rows orthogonal to the range of ``P``; ``a = 0`` is the identity.
+    """
+    if not 0.0 <= float(strength) <= 1.0:
+        raise ValueError(f"strength must be in [0, 1], got {strength}")
+    if p.shape[-1] != x.shape[-1] or p.shape[-2] != x.shape[-1]:
+        raise ValueError(f"projection is {tuple(p.shape)}, rows have width {x.shape[-1]}")
+    idx = _check_positions(rows_idx, x.shape[-2], "rows_idx")
+    out = x.clone()
+    if not idx or strength == 0:
+        return out
+    sel = x[..., idx, :].float()
+    out[..., idx, :] = (sel - float(strength) * (sel @ p.float())).to(x.dtype)
+    return out
+
+
+def replace_rows(
+    x: torch.Tensor,
+    positions: Sequence[int],
+    x_alone: torch.Tensor,
+    alone_positions: Sequence[int],
+) -> torch.Tensor:
+    """Rows ``positions`` of ``x`` replaced by rows ``alone_positions`` of ``x_alone`` (Follow the Flow).
+
+    Position ``positions[j]`` receives ``x_alone[..., alone_positions[j], :]``;
+    every other row is returned unchanged. Batch dimensions broadcast.
+    """
+    idx = _check_positions(positions, x.shape[-2], "positions")
+    src = _check_positions(alone_positions, x_alone.shape[-2], "alone_positions")
+    if len(idx) != len(src):
+        raise ValueError(f"{len(idx)} positions but {len(src)} alone_positions; they must align")
+    if x_alone.shape[-1] != x.shape[-1]:
+        raise ValueError(f"widths differ: {x.shape[-1]} vs {x_alone.shape[-1]}")
+    out = x.clone()
+    if idx:
+        out[..., idx, :] = x_alone[..., src, :].to(x.dtype).expand_as(out[..., idx, :])
+    return out
+
+
+def _check_positions(pos: Sequence[int], length: int, what: str) -> list[int]:
+    out = [int(p) for p in pos]
+    bad = [p for p in out if not 0 <= p < length]
+    if bad:
+        raise ValueError(f"{what} {bad} out of range for {length} rows")
+    return out
+
+
+# -- words to token positions --------------------------------------------------------------------
+
+
+def _tokens(tokenizer, text: str) -> tuple[list[int], list[bool]]:
+    """Token ids with BOS/EOS (no padding) and, per token, whether it holds a letter or digit."""
+    ids = list(tokenizer(text).input_ids)
+    toks = tokenizer.convert_ids_to_tokens(ids)
+    words = [bool(_WORD.search(t.replace("</w>", ""))) for t in toks]
+    words[0] = words[-1] = False  # BOS / EOS
+    return ids, words
+
+
+def find_phrase(tokenizer, prompt: str, phrase: str) -> list[list[int]]:
+    """Token positions (in the encoder's rows, BOS = 0) of every occurrence of ``phrase``.
+
+    Matches on token ids, ignoring punctuation tokens on both sides, so case,
+    commas and hyphens do not matter ("Blue-square," finds "blue square").
+    Raises ValueError naming the phrase when it does not occur.
+    """
+    if not isinstance(phrase, str) or not phrase.strip():
+        raise ValueError("protected phrase is empty")
+    p_ids, p_word = _tokens(tokenizer, prompt)
+    q_ids, q_word = _tokens(tokenizer, phrase)
+    needle = [i for i, w in zip(q_ids, q_word, strict=True) if w]
+    if not needle:
+        raise ValueError(f"protected phrase {phrase!r} has no words")
+    hay = [(pos, i) for pos, (i, w) in enumerate(zip(p_ids, p_word, strict=True)) if w]
+    spans = []
+    for s in range(len(hay) - len(needle) + 1):
+        if [i for _, i in hay[s : s + len(needle)]] == needle:
+            spans.append(list(range(hay[s][0], hay[s + len(needle) - 1][0] + 1)))
+    if not spans:
+        raise ValueError(f"protected phrase {phrase!r} is not in the prompt {prompt!r}")
+    return spans
+
+
+def end_positions(tokenizer, prompt: str, length: int) -> list[int]:
+    """Rows of the EOS token and the padding after it (``length`` = rows of the encoding)."""
+    n = len(tokenizer(prompt).input_ids)
+    return list(range(min(n, length) - 1, length))
+
+
+def word_positions(tokenizer, prompt: str) -> list[int]:
+    """Rows of the prompt's word tokens (no BOS, EOS, padding or punctuation)."""
+    _, words = _tokens(tokenizer, prompt)
+    return [i for i, w in enumerate(words) if w]
+
+
+def edited_positions(tokenizer, prompt: str, source_prompt: str) -> list[int]:
+    """Word rows of ``prompt`` whose tokens are not matched in ``source_prompt`` (the edited words)."""
+    p_ids, p_word = _tokens(tokenizer, prompt)
+    s_ids, _ = _tokens(tokenizer, source_prompt)
+    same: set[int] = set()
+    for blk in difflib.SequenceMatcher(None, s_ids, p_ids, autojunk=False).get_matching_blocks():
+        same.update(range(blk.b, blk.b + blk.size))
+    return [i for i, w in enumerate(p_word) if w and i not in same]
+
+
+def undesired_rows(
+    x: torch.Tensor,
+    tokenizer,
+    prompt: str,
+    protected: Sequence[int],
+    source_prompt: str | None = None,
+    *,
+    center: bool = True,
+) -> torch.Tensor:
+    """The rows whose directions projection removes (``... x k x d``); see the module docstring."""
+    words = word_positions(tokenizer, prompt)
+    prot = set(protected)
+    idx: list[int] = []
+    if source_prompt is not None:
+        idx = [i for i in edited_positions(tokenizer, prompt, source_prompt) if i not in prot]
+    if not idx:
+        idx = [i for i in words if i not in prot]
+    rows = x[..., idx, :].float()
+    if center and words:
+        rows = rows - x[..., words, :].float().mean(dim=-2, keepdim=True)
+    return rows
+
+
+# -- the control as the engine uses it -----------------------------------------------------------
+
+
+def protect_embeddings(
+    editor: Editor,
+    prompt: str,
+    emb: torch.Tensor,
+    *,
+    protect: Sequence[str] | None,
+    mode: str = "none",
+    source_prompt: str | None = None,
+    strength: float = 1.0,
+    rows: str = "item",
+    center: bool = True,
+) -> torch.Tensor:
+    """Apply a leakage control to ``emb`` (the encoding of ``prompt``, ``[B x] L x D``).
+
+    ``mode``: ``"none"``; ``"project"`` (DECOR projection of the undesired
+    directions out of the touched rows, strength ``a``); ``"replace"`` (the
+    protected phrases' rows, and with ``rows="item+end"`` the end rows, are
+    taken from the phrases encoded alone); ``"both"`` (replace, then project).
+    ``source_prompt`` (editing) makes the undesired directions the edited words.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown leakage mode {mode!r}; use one of {', '.join(MODES)}")
+    if rows not in ROWS:
+        raise ValueError(f"unknown rows {rows!r}; use one of {', '.join(ROWS)}")
+    if not 0.0 <= float(strength) <= 1.0:
+        raise ValueError(f"strength must be in [0, 1], got {strength}")
+    if isinstance(protect, str):
+        protect = [protect]
+    phrases = [" ".join(p.split()) for p in (protect or [])]
+    if mode == "none" or not phrases:
+        return emb
+    tok = editor.pipe.tokenizer
+    spans = {p: find_phrase(tok, prompt, p) for p in phrases}
+    item = sorted({i for ss in spans.values() for s in ss for i in s})
+    end = end_positions(tok, prompt, emb.shape[-2])
+    touched = item + (end if rows == "item+end" else [])
+    out = emb
+    if mode in ("replace", "both"):
+        for p, ss in spans.items():
+            alone = editor.encode_text([p])[0].to(emb.device)
+            a_span = find_phrase(tok, p, p)[0]
+            for s in ss:
+                out = replace_rows(out, s, alone, a_span)
+        if rows == "item+end":
+            joined = " and ".join(phrases)
+            alone = editor.encode_text([joined])[0].to(emb.device)
+            a_end = end_positions(tok, joined, alone.shape[-2])[: len(end)]
+            out = replace_rows(out, end[: len(a_end)], alone, a_end)
+    if mode in ("project", "both"):
+        bad = undesired_rows(emb, tok, prompt, item, source_prompt, center=center)
+        out = project_out(out, touched, projection_matrix(bad), strength)
+    return out

@@ -1,0 +1,87 @@
+"""The ``pivot-edit`` command line (editor/cli.py), run in-process through ``main``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from editor.cli import build_parser, main
+
+
+def test_help_lists_the_subcommands(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for name in ("generate", "ui", "bench"):
+        assert name in out
+
+
+@pytest.mark.parametrize("argv", [["generate", "--help"], ["ui", "--help"], ["bench", "--help"],
+                                  ["bench", "model", "--help"]])
+def test_every_subcommand_has_help(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 0
+    assert "usage: pivot-edit" in capsys.readouterr().out
+
+
+def test_generate_writes_an_image_of_native_size(tmp_path, capsys):
+    out = tmp_path / "red.png"
+    rc = main(["generate", "a red circle on a white background", "-o", str(out),
+               "--model", "shapes", "--device", "cpu", "--steps", "4", "--seed", "3"])
+    assert rc == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    img = Image.open(out)
+    assert img.size == (64, 64) and img.mode == "RGB"
+    assert [p.name for p in tmp_path.iterdir()] == ["red.png"]  # no temporary left behind
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["--model", "no-such-model"], "unknown model"),
+        (["--model", "shapes", "--device", "cpu", "--dtype", "float16"], "float16"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(argv, words, tmp_path, capsys):
+    out = tmp_path / "x.png"
+    rc = main(["generate", "a red circle on a white background", "-o", str(out), *argv])
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("pivot-edit: error: ") and words in err[0]
+    assert not out.exists()
+
+
+def test_bad_output_suffix_fails_before_loading(tmp_path, capsys):
+    rc = main(["generate", "a red circle", "-o", str(tmp_path / "x.txt"), "--model", "shapes"])
+    assert rc == 2
+    assert ".png" in capsys.readouterr().err
+
+
+def test_bench_model_prints_json(capsys):
+    rc = main(["bench", "model", "--model", "shapes", "--device", "cpu", "--steps", "2"])
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["model_id"] == "shapes" and res["steps"] == 2
+    assert len(res["fingerprint"]) == 16
+    assert res["load_seconds"] > 0 and res["generate_seconds"] > 0
+    assert res["machine"]["torch"] and res["machine"]["cpu_count"] >= 1
+
+
+def test_generate_defaults_to_auto_model():
+    args = build_parser().parse_args(["generate", "p", "-o", "o.png"])
+    assert args.model == "auto" and args.steps == 50 and args.guidance == 7.5
+
+
+def test_python_dash_m_editor_runs(tmp_path):
+    """``python -m editor`` is the same program (run outside the repo: the installed package)."""
+    res = subprocess.run([sys.executable, "-m", "editor", "--help"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "generate" in res.stdout

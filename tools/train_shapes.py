@@ -1,0 +1,296 @@
+"""Train the bundled "shapes" Stable-Diffusion-format model from scratch.
+
+Three stages, all seeded:
+1. VAE (``AutoencoderKL``, 4x downsampling, 4 latent channels) on generator scenes,
+   L1 + MSE reconstruction with a tiny KL term; then ``scaling_factor`` = 1 / std
+   of the latents, as SD does.
+2. UNet (``UNet2DConditionModel``) and CLIP text encoder (``CLIPTextModel``, over the
+   real CLIP tokenizer) trained jointly for epsilon prediction on SD's
+   scaled-linear betas, captions dropped 10% of the time (classifier-free
+   guidance), EMA weights kept.
+3. The folder is written with ``StableDiffusionPipeline.save_pretrained`` (fp16
+   safetensors, DDIM scheduler with SD's settings) and evaluated with the
+   generator's ground truth (``editor.scenes.check_image``).
+
+    python tools/train_shapes.py --out assets/shapes --bpe bpe_simple_vocab_16e6.txt.gz
+
+Writes ``train_log.json`` (steps, seconds, losses, fidelity) into the folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from editor import scenes  # noqa: E402
+from tools.build_tokenizer import build as build_tokenizer  # noqa: E402
+
+SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                num_train_timesteps=1000)
+IMAGE = 64
+VAE_CFG = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+               up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(32, 64, 128),
+               layers_per_block=1, latent_channels=4, norm_num_groups=32, sample_size=IMAGE)
+UNET_CFG = dict(sample_size=IMAGE // 4, in_channels=4, out_channels=4, layers_per_block=2,
+                block_out_channels=(64, 128, 128),
+                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                cross_attention_dim=64, attention_head_dim=4, norm_num_groups=32)
+TEXT_CFG = dict(vocab_size=49408, hidden_size=64, intermediate_size=256, num_hidden_layers=4,
+                num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu",
+                bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+
+
+def _make(seed: int) -> tuple[np.ndarray, str]:
+    rng = np.random.default_rng(seed)
+    # two-object scenes are the hard part (binding colour and side): 60% of them
+    n = 2 if rng.random() < 0.6 else 1
+    scene = scenes.random_scene(rng, size=IMAGE, n_objects=n)
+    img, _ = scene.render()
+    return np.asarray(img), scene.caption()
+
+
+def make_dataset(n: int, seed: int, workers: int) -> tuple[torch.Tensor, list[str]]:
+    seeds = [seed * 10_000_000 + i for i in range(n)]
+    with Pool(workers) as pool:
+        out = pool.map(_make, seeds, chunksize=512)
+    imgs = torch.from_numpy(np.stack([o[0] for o in out])).permute(0, 3, 1, 2).contiguous()
+    return imgs, [o[1] for o in out]
+
+
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    return x.float() / 127.5 - 1.0
+
+
+def fit_steps(step: int, t0: float, requested: int, budget: float) -> int:
+    """With a time budget, fix the step count after 200 timed steps so the LR schedule completes."""
+    if budget and step == 200:
+        per = (time.time() - t0) / 200
+        return max(201, min(requested, int(budget / per)))
+    return requested
+
+
+def cosine(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def train_vae(imgs, args, dev, log):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(args.seed)
+    vae = AutoencoderKL(**VAE_CFG).to(dev)
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(args.seed + 1)
+    t0 = time.time()
+    total = args.vae_steps
+    step = 0
+    while step < total:
+        total = fit_steps(step, t0, total, args.vae_budget)
+        for pg in opt.param_groups:
+            pg["lr"] = args.vae_lr * cosine(step, total, 200)
+        idx = torch.randint(0, len(imgs), (args.vae_batch,), generator=g)
+        x = to_unit(imgs[idx].to(dev))
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            post = vae.encode(x).latent_dist
+            z = post.sample(generator=None)
+            rec = vae.decode(z).sample.float()
+        kl = post.kl().mean()
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-6 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        if step % 500 == 0 or step == total - 1:
+            mse = F.mse_loss(rec.clamp(-1, 1), x).item() / 4  # pixel range 2 -> 1
+            print(f"vae {step}/{total} loss {loss.item():.4f} psnr {10 * math.log10(1 / mse):.2f} "
+                  f"{time.time() - t0:.0f}s", flush=True)
+        step += 1
+    log["vae_steps"] = total
+    log["vae_seconds"] = time.time() - t0
+    vae.eval().requires_grad_(False)
+    return vae
+
+
+@torch.no_grad()
+def encode_all(vae, imgs, dev, batch=512) -> torch.Tensor:
+    out = []
+    for i in range(0, len(imgs), batch):
+        x = to_unit(imgs[i : i + batch].to(dev))
+        out.append(vae.encode(x).latent_dist.mean.float().cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def vae_psnr(vae, dev, n=256, seed=999_000) -> float:
+    imgs = torch.from_numpy(np.stack([_make(seed + i)[0] for i in range(n)])).permute(0, 3, 1, 2)
+    vals = []
+    for i in range(0, n, 64):
+        x = to_unit(imgs[i : i + 64].to(dev))
+        rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+        a = ((rec + 1) * 127.5).round()
+        b = ((x + 1) * 127.5).round()
+        mse = ((a - b) ** 2).mean(dim=(1, 2, 3))
+        vals += (10 * torch.log10(255.0**2 / mse.clamp_min(1e-8))).tolist()
+    return float(np.mean(vals))
+
+
+def train_unet(latents, captions, tokenizer, args, dev, log):
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(args.seed + 2)
+    unet = UNet2DConditionModel(**UNET_CFG).to(dev)
+    text = CLIPTextModel(CLIPTextConfig(**TEXT_CFG)).to(dev)
+    noise_sched = DDPMScheduler(**SD_BETAS)
+    acp = noise_sched.alphas_cumprod.to(dev)
+    params = list(unet.parameters()) + list(text.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
+    ema_u, ema_t = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text).requires_grad_(False)
+    ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True,
+                    return_tensors="pt").input_ids
+    empty = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids[0]
+    g = torch.Generator().manual_seed(args.seed + 3)
+    t0 = time.time()
+    total = args.unet_steps
+    step = 0
+    while step < total:
+        total = fit_steps(step, t0, total, args.unet_budget)
+        for pg in opt.param_groups:
+            pg["lr"] = args.lr * cosine(step, total, 500)
+        idx = torch.randint(0, len(latents), (args.batch,), generator=g)
+        z0 = latents[idx].to(dev) * log["scaling_factor"]
+        tok = ids[idx].clone()
+        drop = torch.rand(args.batch, generator=g) < 0.1
+        tok[drop] = empty
+        tok = tok.to(dev)
+        noise = torch.randn(z0.shape, generator=g).to(dev)
+        t = torch.randint(0, 1000, (args.batch,), generator=g).to(dev)
+        a = acp[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            emb = text(tok)[0]
+            pred = unet(zt, t, encoder_hidden_states=emb).sample
+        loss = F.mse_loss(pred.float(), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for m, e in ((unet, ema_u), (text, ema_t)):
+                for p, q in zip(m.parameters(), e.parameters(), strict=True):
+                    q.lerp_(p, 1 - decay)
+        if step % 500 == 0 or step == total - 1:
+            print(f"unet {step}/{total} loss {loss.item():.4f} {time.time() - t0:.0f}s", flush=True)
+        step += 1
+    log["unet_steps"] = total
+    log["unet_seconds"] = time.time() - t0
+    return ema_u.eval(), ema_t.eval()
+
+
+@torch.no_grad()
+def fidelity(pipe, dev, n_single: int, n_double: int, seed: int = 5_000_000, steps: int = 50) -> dict:
+    """Generate from held-out captions and check colour, shape and sides."""
+    res = {}
+    for n_obj, count in ((1, n_single), (2, n_double)):
+        sc = [scenes.random_scene(np.random.default_rng(seed + n_obj * 100_000 + i), n_objects=n_obj)
+              for i in range(count)]
+        color = shape = both = 0
+        for i in range(0, count, 64):
+            chunk = sc[i : i + 64]
+            gens = [torch.Generator(dev).manual_seed(seed + i + j) for j in range(len(chunk))]
+            imgs = pipe([s.caption() for s in chunk], num_inference_steps=steps,
+                        guidance_scale=7.5, generator=gens, height=IMAGE, width=IMAGE).images
+            for img, s in zip(imgs, chunk, strict=True):
+                c = scenes.check_image(img, s)
+                color += c.color_ok
+                shape += c.shape_ok
+                both += c.color_ok and c.shape_ok
+        key = "single" if n_obj == 1 else "double"
+        res[f"{key}_color"] = color / count
+        res[f"{key}_shape"] = shape / count
+        res[f"{key}_count"] = count
+    return res
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("assets/shapes"))
+    p.add_argument("--bpe", type=Path, required=True, help="CLIP's bpe_simple_vocab_16e6.txt.gz")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dataset", type=int, default=100_000)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--vae-steps", type=int, default=6000)
+    p.add_argument("--vae-batch", type=int, default=64)
+    p.add_argument("--vae-lr", type=float, default=1e-3)
+    p.add_argument("--unet-steps", type=int, default=20000)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--vae-budget", type=float, default=0,
+                   help="seconds: cap VAE steps by the speed of the first 200 (0: no cap)")
+    p.add_argument("--unet-budget", type=float, default=0,
+                   help="seconds: cap UNet steps by the speed of the first 200 (0: no cap)")
+    p.add_argument("--eval", type=int, default=128, help="held-out prompts per object count")
+    args = p.parse_args(argv)
+
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    dev = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    T0 = time.time()
+    log = {"args": {k: str(v) for k, v in vars(args).items()}, "device": str(dev)}
+    if dev.type == "cuda":
+        log["device_name"] = torch.cuda.get_device_name()
+    build_tokenizer(args.bpe, args.out / "tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(args.out / "tokenizer")
+
+    t = time.time()
+    imgs, captions = make_dataset(args.dataset, args.seed, args.workers)
+    log["data_seconds"] = time.time() - t
+    print(f"dataset {len(imgs)} in {log['data_seconds']:.0f}s", flush=True)
+
+    vae = train_vae(imgs, args, dev, log)
+    log["vae_psnr_db"] = vae_psnr(vae, dev)
+    lat = encode_all(vae, imgs, dev)
+    log["scaling_factor"] = float(1.0 / lat.std())
+    vae.register_to_config(scaling_factor=log["scaling_factor"])
+    print(f"vae psnr {log['vae_psnr_db']:.2f} dB, scaling factor {log['scaling_factor']:.4f}", flush=True)
+
+    unet, text = train_unet(lat, captions, tokenizer, args, dev, log)
+    sched = DDIMScheduler(**SD_BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
+                                   scheduler=sched, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(torch.float16).save_pretrained(args.out, safe_serialization=True)
+    pipe.to(torch.float32)
+    if args.eval:
+        t = time.time()
+        log["fidelity"] = fidelity(pipe, dev, args.eval, args.eval)
+        log["eval_seconds"] = time.time() - t
+    log["total_seconds"] = time.time() - T0
+    (args.out / "train_log.json").write_text(json.dumps(log, indent=1))
+    print(json.dumps(log, indent=1), flush=True)
+
+
+if __name__ == "__main__":
+    main()
