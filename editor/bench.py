@@ -138,3 +138,273 @@ def bench_inversion(editor: Editor, *, steps: int = 50, guidance: float = 7.5,
                             "engine_psnr": p_eng, "psnr_delta": p_eng - p_ref,
                             "early_stop": False}
     return out
+
+
+# -- GPU speed at Stable Diffusion 1.5 size (``pivot-edit bench gpu``) -------------------------
+
+#: SD 1.5's UNet (859.5 M parameters), as ``shared/bench/reference_nti_gpu.py``'s SD15 dict.
+SD15_UNET: dict[str, Any] = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    cross_attention_dim=768, attention_head_dim=8,
+)
+#: SD's VAE: 8x down-sampling, 4 latent channels.
+SD15_VAE: dict[str, Any] = dict(
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2, latent_channels=4, sample_size=512, scaling_factor=0.18215,
+)
+#: CLIP ViT-L/14's text encoder: width 768, 12 layers, 77 tokens.
+SD15_TEXT: dict[str, Any] = dict(
+    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+    num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+    bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, projection_dim=768,
+)
+#: ``--cpu-smoke``: the same architectures shrunk to run in seconds on a CPU (UNet channels
+#: as in reference_nti_gpu.py --cpu-smoke, 128x128 images, a 64-wide text encoder).
+SMOKE_UNET = dict(block_out_channels=(32, 32, 64, 64), sample_size=16, norm_num_groups=32,
+                  cross_attention_dim=64)
+SMOKE_VAE = dict(block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=8,
+                 sample_size=128)
+SMOKE_TEXT = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, projection_dim=64)
+
+#: Issue 7's targets (H100/H200, SD 1.5 shape, 512x512, 50 steps, 10 inner steps, no early stop).
+GPU_TARGETS = {"nti_seconds_per_image_batch1": 8.0, "nti_seconds_per_image_batch8": 2.5,
+               "p2p_edit_seconds": 2.0}
+#: Variants of ``bench gpu``: name -> (UNet dtype, fast mode or None for the plain loop).
+GPU_VARIANTS: dict[str, tuple[torch.dtype, str | None]] = {
+    "eager-fp32": (torch.float32, None),
+    "eager-bf16": (torch.bfloat16, None),
+    "static-eager-bf16": (torch.bfloat16, "static-eager"),
+    "cuda-graph-bf16": (torch.bfloat16, "cuda-graph"),
+    "compile-bf16": (torch.bfloat16, "compile"),
+    "compile+cuda-graph-bf16": (torch.bfloat16, "compile+cuda-graph"),
+}
+DEFAULT_GPU_VARIANTS = ("eager-fp32", "eager-bf16", "static-eager-bf16", "cuda-graph-bf16")
+
+
+def sd15_random_editor(device: str | torch.device = "cuda", *, smoke: bool = False,
+                       seed: int = 0) -> Editor:
+    """An :class:`Editor` over an SD-1.5-shaped pipeline with random weights (fp32).
+
+    The compute of a fixed-iteration null-text run does not depend on the weights' values,
+    so timings stand for a real SD 1.5 checkpoint (none can reach the GPU machine). The
+    tokenizer is the real CLIP tokenizer bundled with the "shapes" model.
+    """
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from .model import bundled_model_path
+
+    unet_cfg, vae_cfg, text_cfg = dict(SD15_UNET), dict(SD15_VAE), dict(SD15_TEXT)
+    if smoke:
+        unet_cfg.update(SMOKE_UNET)
+        vae_cfg.update(SMOKE_VAE)
+        text_cfg.update(SMOKE_TEXT)
+    with torch.random.fork_rng(devices=[]):  # random init without touching the global RNG
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**unet_cfg)
+        vae = AutoencoderKL(**vae_cfg)
+        text = CLIPTextModel(CLIPTextConfig(**text_cfg))
+    tok = CLIPTokenizer.from_pretrained(bundled_model_path() / "tokenizer")
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                          clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet,
+                                   scheduler=sched, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(torch.device(device))
+    for m in (unet, vae, text):
+        m.requires_grad_(False).eval()
+    return Editor(pipe=pipe, model_id="sd15-random" + ("-smoke" if smoke else ""))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_null_text(editor: Editor, images: list, prompts: list[str], *, fast: Any, steps: int,
+                   num_inner_steps: int, timed_steps: int | None) -> dict[str, Any]:
+    """Time one null-text inversion (early stopping off) of ``images`` in one batch.
+
+    The DDIM pivots (with image and text encoding) are timed whole; the optimisation for
+    ``timed_steps`` timesteps (each costs the same with a fixed number of inner steps) and
+    scaled to ``steps``, as reference_nti_gpu.py does; ``None`` times all of them.
+    """
+    from .inversion import InversionCancelled, invert_batch
+
+    dev = editor.device
+    k = steps if timed_steps is None else max(1, min(int(timed_steps), steps))
+    stop_at = steps + k
+    marks: dict[int, float] = {}
+
+    def mark(done: int, total: int) -> bool:
+        _sync(dev)
+        marks[done] = time.perf_counter()
+        return done < stop_at or stop_at >= total
+
+    _sync(dev)
+    t0 = time.perf_counter()
+    try:
+        invert_batch(editor, images, prompts, steps=steps, num_inner_steps=num_inner_steps,
+                     early_stop_epsilon=None, fast=fast, callback=mark, progress=False)
+    except InversionCancelled:
+        pass
+    _sync(dev)
+    wall = time.perf_counter() - t0
+    b = len(images)
+    pivots = marks[steps] - t0
+    per_step = (marks[steps + k] - marks[steps]) / k
+    return {"batch": b, "seconds_per_image": (pivots + per_step * steps) / b,
+            "pivots_seconds": pivots, "optimisation_seconds_per_timestep": per_step,
+            "timed_timesteps": k, "extrapolated": k < steps, "wall_seconds": wall}
+
+
+def time_edit(editor: Editor, image, prompt: str, target: str, *, steps: int) -> dict[str, Any]:
+    """Seconds of one Prompt-to-Prompt edit (source + one target, ``steps`` steps, default
+    controls), after a 2-step warm-up edit; the inversion is DDIM (the edit's cost does not
+    depend on the inversion method)."""
+    from .editing import edit
+    from .inversion import invert
+
+    dev = editor.device
+    t0 = time.perf_counter()
+    warm = invert(editor, image, prompt, method="ddim", steps=2, progress=False)
+    edit(editor, warm, target, progress=False)
+    _sync(dev)
+    warm_s = time.perf_counter() - t0
+    inv = invert(editor, image, prompt, method="ddim", steps=steps, progress=False)
+    _sync(dev)
+    t0 = time.perf_counter()
+    res = edit(editor, inv, target, progress=False)
+    _sync(dev)
+    return {"seconds": time.perf_counter() - t0, "engine_seconds": res.seconds,
+            "warmup_seconds": warm_s, "steps": steps}
+
+
+def bench_gpu(*, device: str | torch.device | None = None, smoke: bool = False,
+              steps: int = 50, num_inner_steps: int = 10, timed_steps: int | None = 5,
+              batches: tuple[int, ...] = (1, 8), variants: tuple[str, ...] = DEFAULT_GPU_VARIANTS,
+              edit: bool = True, out_path: str | None = None,
+              log: Any = None) -> dict[str, Any]:
+    """Null-text inversion and P2P edit timings at SD 1.5 size (random weights), JSON-ready.
+
+    Variants (:data:`GPU_VARIANTS`) run in order on one pipeline; the UNet is converted to
+    bf16 after the fp32 ones (fp32 runs at batch 1 only: it is the baseline). Per batch
+    size each variant is warmed up (a 2-step run with one optimisation timestep; for graphs
+    and compile this includes capture / compilation: ``warmup_seconds``) and then timed. A
+    failing variant is recorded with its error and the run goes on. ``out_path``: the JSON
+    is rewritten after each variant, so a run cut short keeps what it measured.
+    """
+    import json
+    from pathlib import Path
+
+    from .fastpath import FastPath
+
+    unknown = [v for v in variants if v not in GPU_VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {unknown}; choose from {', '.join(GPU_VARIANTS)}")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type != "cuda" and not smoke:
+        raise ValueError("bench gpu needs a CUDA device; use --cpu-smoke to check it on a CPU")
+    T0 = time.perf_counter()
+    info = machine()
+    info["device"] = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    out: dict[str, Any] = {
+        "machine": info, "model": "sd15-random" + ("-smoke" if smoke else ""),
+        "steps": steps, "num_inner_steps": num_inner_steps, "early_stop": False,
+        "timed_timesteps": timed_steps, "targets": GPU_TARGETS, "results": {}}
+
+    def say(msg: str) -> None:
+        if log is not None:
+            print(msg, file=log, flush=True)
+
+    def save() -> None:
+        out["wall_seconds"] = time.perf_counter() - T0
+        if out_path:
+            Path(out_path).write_text(json.dumps(out, indent=1))
+
+    t0 = time.perf_counter()
+    editor = sd15_random_editor(dev, smoke=smoke)
+    out["build_seconds"] = time.perf_counter() - t0
+    unet = editor.pipe.unet
+    out["unet_params_M"] = sum(p.numel() for p in unet.parameters()) / 1e6
+    out["image_size"] = editor.native_size
+    size = editor.native_size
+    n = max(batches)
+    items = [scenes.sample(9_200_000 + k, n_objects=1 + k % 2, size=size) for k in range(n)]
+    images, prompts = [sc.image for sc in items], [sc.caption for sc in items]
+    edit_target = "a blue circle on a white background"
+    compiled: dict[int, torch.nn.Module] = {}  # one compilation shared by the compile modes
+    say(f"bench gpu: {info['device']}, UNet {out['unet_params_M']:.1f} M parameters")
+    for name in sorted(variants, key=lambda v: GPU_VARIANTS[v][0] != torch.float32):
+        dtype, mode = GPU_VARIANTS[name]
+        if unet.dtype != dtype:
+            unet.to(dtype)
+        if edit and "edit_fp32" not in out and dtype == torch.float32:
+            out["edit_fp32"] = time_edit(editor, images[0], prompts[0], edit_target, steps=steps)
+        res: dict[str, Any] = {"dtype": str(dtype).removeprefix("torch."), "mode": mode or "plain"}
+        out["results"][name] = res
+        try:
+            fast = None
+            if mode is not None:
+                fast = FastPath(mode=mode)
+                if fast.compiled:
+                    fast._unets = compiled
+                fast.check_device(dev)
+            for b in batches if dtype != torch.float32 else (1,):  # fp32: the baseline only
+                t0 = time.perf_counter()  # warm-up: one timestep (capture / compile per shape)
+                time_null_text(editor, images[:b], prompts[:b], fast=fast, steps=2,
+                               num_inner_steps=1, timed_steps=1)
+                res.setdefault("warmup_seconds", {})[f"batch{b}"] = time.perf_counter() - t0
+                r = time_null_text(editor, images[:b], prompts[:b], fast=fast, steps=steps,
+                                   num_inner_steps=num_inner_steps, timed_steps=timed_steps)
+                res[f"batch{b}"] = r
+                say(f"{name} batch {b}: {r['seconds_per_image']:.2f} s/image")
+            if fast is not None:
+                caps = [rn.capture_seconds for rn in fast._runners.values() if rn.capture_seconds]
+                if caps:
+                    res["capture_seconds"] = caps
+        except ValueError as exc:  # e.g. cuda-graph asked for on a CPU (--cpu-smoke)
+            res["skipped"] = str(exc)
+        except Exception as exc:  # noqa: BLE001 - a failing variant must not lose the others
+            res["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+            say(f"{name}: {res['error']}")
+        save()
+    if edit:
+        if unet.dtype != torch.bfloat16:
+            unet.to(torch.bfloat16)
+        try:
+            out["edit_bf16"] = time_edit(editor, images[0], prompts[0], edit_target, steps=steps)
+        except Exception as exc:  # noqa: BLE001
+            out["edit_bf16"] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+    out["checks"] = _gpu_checks(out) if not smoke else "smoke run: not a measurement"
+    save()
+    return out
+
+
+def _gpu_checks(out: dict[str, Any]) -> dict[str, Any]:
+    """Best measured figure per target and whether it is met (None: not measured)."""
+    def best(batch: int) -> tuple[float | None, str | None]:
+        cands = [(r[f"batch{batch}"]["seconds_per_image"], name)
+                 for name, r in out["results"].items() if f"batch{batch}" in r]
+        return min(cands) if cands else (None, None)
+
+    checks: dict[str, Any] = {}
+    for b, key in ((1, "nti_seconds_per_image_batch1"), (8, "nti_seconds_per_image_batch8")):
+        s, name = best(b)
+        checks[key] = {"best": s, "variant": name,
+                       "met": None if s is None else s <= GPU_TARGETS[key]}
+    e = out.get("edit_bf16", {}).get("seconds")
+    checks["p2p_edit_seconds"] = {"best": e, "variant": "bf16",
+                                  "met": None if e is None else e <= GPU_TARGETS["p2p_edit_seconds"]}
+    return checks

@@ -124,7 +124,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
     try:
-        from ui.app import build_demo
+        from ui.app import CSS, build_demo
     except ImportError as exc:
         raise ValueError(f"the web app needs gradio ({exc}); pip install 'pivot-edit[ui]'") from None
     if args.host not in LOOPBACK and auth is None and not args.share:
@@ -136,7 +136,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     editor = load_editor(args)
     demo = build_demo(editor)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
-                max_file_size=args.max_file_size, footer_links=["api"])
+                max_file_size=args.max_file_size, footer_links=["api"], css=CSS)
     return 0
 
 
@@ -302,6 +302,32 @@ def cmd_bench_inversion(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_gpu(args: argparse.Namespace) -> int:
+    """Null-text inversion and P2P edit speed at SD 1.5 size (random weights); print JSON."""
+    from .bench import DEFAULT_GPU_VARIANTS, bench_gpu
+
+    quiet_libraries()
+    smoke = args.cpu_smoke
+
+    def items(text: str | None) -> list[str]:
+        return [x.strip() for x in (text or "").split(",") if x.strip()]
+
+    variants = items(args.variants) or list(DEFAULT_GPU_VARIANTS)
+    try:
+        batches = tuple(int(b) for b in items(args.batches) or ([1, 2] if smoke else [1, 8]))
+    except ValueError:
+        raise ValueError(f"--batches must be a comma list of integers, got {args.batches!r}") from None
+    if any(b < 1 for b in batches):
+        raise ValueError("--batches must be positive integers")
+    out = bench_gpu(
+        device=args.device or ("cpu" if smoke else None), smoke=smoke,
+        steps=args.steps or (2 if smoke else 50), num_inner_steps=args.inner or (2 if smoke else 10),
+        timed_steps=None if args.timed_steps == 0 else args.timed_steps, batches=batches,
+        variants=tuple(variants), edit=not args.no_edit, out_path=args.out, log=sys.stderr)
+    print(json.dumps(out, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full ``pivot-edit`` parser; each subparser sets ``func`` to its ``cmd_*``."""
     parser = argparse.ArgumentParser(
@@ -354,6 +380,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=7.5, help="guidance (default: 7.5)")
     p.add_argument("--no-reference", action="store_true", help="skip the published loop")
     p.set_defaults(func=cmd_bench_inversion)
+
+    p = bench_sub.add_parser(
+        "gpu", help="null-text inversion and P2P edit speed at SD 1.5 size (random weights)",
+        description="Time null-text inversion (512x512, 50 steps, 10 inner steps, no early "
+                    "stop) at batch 1 and 8 per variant (eager fp32 / bf16, static buffers, "
+                    "CUDA graphs, torch.compile) and one P2P edit, on an SD-1.5-shaped model "
+                    "with random weights. --cpu-smoke shrinks model and steps to run on a CPU.")
+    p.add_argument("--cpu-smoke", action="store_true",
+                   help="tiny model, 2 steps, 2 inner steps, batches 1,2, on the CPU (a check "
+                        "that the benchmark runs, not a measurement)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda)")
+    p.add_argument("--variants", default=None,
+                   help="comma list of eager-fp32, eager-bf16, static-eager-bf16, "
+                        "cuda-graph-bf16, compile-bf16, compile+cuda-graph-bf16 (default: the "
+                        "first four; compile takes minutes to warm up)")
+    p.add_argument("--batches", default=None, help="comma list of batch sizes (default: 1,8)")
+    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: 50)")
+    p.add_argument("--inner", type=int, default=None, help="inner steps (default: 10)")
+    p.add_argument("--timed-steps", type=int, default=5,
+                   help="optimisation timesteps timed and scaled to --steps (0: all; default: 5)")
+    p.add_argument("--no-edit", action="store_true", help="skip the P2P edit timing")
+    p.add_argument("--out", default=None, metavar="FILE.json",
+                   help="also write the JSON here, rewritten after every variant")
+    p.set_defaults(func=cmd_bench_gpu)
 
     p = sub.add_parser("invert", help="invert an image under its caption",
                        description="Invert IMAGE under its caption; write an inversion file "

@@ -207,21 +207,44 @@ def ddim_pivots(editor: Editor, z0: torch.Tensor, cond: torch.Tensor, steps: int
     return pivots
 
 
+def resolve_sync_every(sync_every: int | None, device: torch.device) -> int:
+    """How often the host reads the early-stop mask: every ``k`` inner steps; 0 = never.
+
+    ``None`` picks per device: 1 on CPU (reading a CPU tensor costs nothing, and stopping
+    early skips UNet passes), 0 on CUDA. There every read drains the GPU queue while the host
+    has nothing queued behind it; with 0 all inner steps run and stopped images are only
+    masked (the result is the same, the saved passes are lost). Where early stopping fires
+    after a few inner steps (real images), a check every 2-5 steps can be cheaper than 0;
+    measure on the machine at hand.
+    """
+    if sync_every is None:
+        return 1 if device.type == "cpu" else 0
+    if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 0:
+        raise ValueError(f"sync_every must be None or an integer >= 0, got {sync_every!r}")
+    return sync_every
+
+
 def null_text_optimization(
     editor: Editor, pivots: list[torch.Tensor], cond: torch.Tensor, null: torch.Tensor,
     *, guidance: float, num_inner_steps: int, early_stop_epsilon: float | None,
-    hook=None, progress: bool = True,
+    hook=None, progress: bool = True, sync_every: int | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """Mokady et al. 2022, Algorithm 1, batched: per timestep optimise each image's null
     embedding (fp32) so that guided DDIM from z-bar_t lands on pivot z*_{t-1}.
 
     Each image keeps its own Adam state and early stop (losses are summed, so gradients
     do not mix, and a stopped image's embedding is frozen), which makes a batch equal to
-    inverting its images one by one. Returns (steps x B x L x D, stats).
+    inverting its images one by one. The stop decision stays on the device (the ``active``
+    mask); the host reads it every ``sync_every`` inner steps (:func:`resolve_sync_every`),
+    which changes speed, never the result. Returns (steps x B x L x D, stats).
     """
     sched = editor.scheduler()
     steps = len(pivots) - 1
     sched.set_timesteps(steps)
+    check_every = resolve_sync_every(sync_every, pivots[-1].device)
+    # timesteps as device tensors: diffusers turns a Python int into a new device tensor
+    # (a blocking host-to-device copy) on every UNet call
+    t_dev = sched.timesteps.to(pivots[-1].device)
     b = cond.shape[0]
     emb = null.float().expand(b, -1, -1).clone()
     z = pivots[-1].float()
@@ -230,14 +253,14 @@ def null_text_optimization(
                                disable=not progress, leave=False)):
         target = pivots[steps - i - 1]
         with torch.no_grad():
-            e_c = _unet(editor, z, t, cond)  # conditional branch once per step
+            e_c = _unet(editor, z, t_dev[i], cond)  # conditional branch once per step
         emb = emb.detach().requires_grad_(True)
         opt = torch.optim.Adam([emb], lr=1e-2 * (1.0 - i / 100.0))
         active = torch.ones(b, dtype=torch.bool, device=z.device)
         used = torch.zeros(b, dtype=torch.long, device=z.device)
         thr = None if early_stop_epsilon is None else early_stop_epsilon + i * 2e-5
-        for _ in range(num_inner_steps):
-            e_u = _unet(editor, z, t, emb)
+        for j in range(num_inner_steps):
+            e_u = _unet(editor, z, t_dev[i], emb)
             rec = ddim_step(sched, e_u + guidance * (e_c - e_u), t, z, steps)
             loss = ((rec - target) ** 2).mean(dim=(1, 2, 3))  # per image, fp32
             opt.zero_grad(set_to_none=True)
@@ -249,13 +272,13 @@ def null_text_optimization(
             used += active.long()
             if thr is not None:
                 active = active & (loss.detach() >= thr)
-                if not bool(active.any()):  # one host sync per inner step; none when disabled
-                    break
+                if check_every and (j + 1) % check_every == 0 and not bool(active.any()):
+                    break  # a host sync; a stopped image is masked until then
         emb = emb.detach()
         out.append(emb.clone())
         inner_used.append(used)
         with torch.no_grad():  # advance z-bar with the optimised null (not reset to the pivot)
-            e_u = _unet(editor, z, t, emb)
+            e_u = _unet(editor, z, t_dev[i], emb)
             z = ddim_step(sched, e_u + guidance * (e_c - e_u), t, z, steps)
             final_loss.append(((z - target) ** 2).mean(dim=(1, 2, 3)))
         if hook:
@@ -311,19 +334,28 @@ def invert_batch(
     max_pixels: int | None = None,
     callback: Callable[[int, int], bool | None] | None = None,
     progress: bool = True,
+    sync_every: int | None = None,
+    fast: Any = None,
 ) -> list[Inversion]:
     """Invert several images, each under its own caption, in one batched run.
 
     Images that resize to the same shape share UNet batches; each keeps its own null
     embeddings and early stopping, so results equal one-by-one inversion.
     ``callback(step, total)`` is called after every timestep; returning ``False`` cancels
-    (raises :class:`InversionCancelled`).
+    (raises :class:`InversionCancelled`). ``sync_every``: see :func:`resolve_sync_every`.
+    ``fast``: ``None`` (this module's loop), ``"auto"``, a mode name or a
+    :class:`editor.fastpath.FastPath` for null-text's pivots and optimisation (static
+    buffers, CUDA graphs / torch.compile, reduced-precision UNet; see that module).
     """
     import time
+
+    from .fastpath import resolve_fast
 
     if len(images) != len(prompts) or not images:
         raise ValueError("give one prompt per image (and at least one image)")
     _check_options(method, steps, guidance, num_inner_steps)
+    resolve_sync_every(sync_every, editor.device)
+    fast = resolve_fast(fast, editor.device) if method == "null-text" else None
     prompts = [editor.check_prompt(p) for p in prompts]
     multiple = editor.vae_scale_factor * 2 ** (len(editor.pipe.unet.config.block_out_channels) - 1)
     budget = max_pixels or editor.native_size**2
@@ -342,13 +374,22 @@ def invert_batch(
         cond = editor.encode_text([prompts[k] for k in idx]).float()
         empty = editor.encode_text([""]).float()
         hook = _progress_hook(callback, 2 * steps if method == "null-text" else steps)
-        pivots = ddim_pivots(editor, z0, cond, steps, hook, progress)
+        runner = None if fast is None else fast.runner(
+            editor, z0, cond, guidance=guidance, early_stop=early_stop_epsilon is not None)
+        if runner is None:
+            pivots = ddim_pivots(editor, z0, cond, steps, hook, progress)
+        else:
+            pivots = runner.pivots(z0, cond, steps, hook=hook, progress=progress)
         t_piv = time.perf_counter() - t0
         offsets, stats = None, {}
         if method == "null-text":
-            uncond, stats = null_text_optimization(
-                editor, pivots, cond, empty, guidance=guidance, num_inner_steps=num_inner_steps,
-                early_stop_epsilon=early_stop_epsilon, hook=hook, progress=progress)
+            opts = dict(num_inner_steps=num_inner_steps, early_stop_epsilon=early_stop_epsilon,
+                        hook=hook, progress=progress, sync_every=sync_every)
+            if runner is None:
+                uncond, stats = null_text_optimization(editor, pivots, cond, empty,
+                                                       guidance=guidance, **opts)
+            else:
+                uncond, stats = runner.null_text(pivots, cond, empty, **opts)
         elif method == "negative-prompt":
             uncond = cond[None]  # 1 x B x L x D: the source prompt is the null prompt
         else:
@@ -359,6 +400,8 @@ def invert_batch(
         for j, k in enumerate(idx):
             st = {"seconds": seconds / len(idx), "pivot_seconds": t_piv / len(idx),
                   "batch": len(idx)}
+            if fast is not None:
+                st["fast"] = fast.describe()
             if stats:
                 st["inner_steps"] = stats["inner_steps"][j]
                 st["final_mse"] = stats["final_mse"][j]

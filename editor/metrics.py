@@ -227,6 +227,39 @@ def erode(mask: np.ndarray, radius: int = 1) -> np.ndarray:
     return ~dilate(~m, radius)
 
 
+def _hue(arr: np.ndarray) -> np.ndarray:
+    """Per-pixel hue in degrees of an RGB array."""
+    a = np.asarray(arr, np.float64) / 255.0
+    mx, mn = a.max(-1), a.min(-1)
+    d = np.where(mx - mn > 1e-6, mx - mn, 1.0)
+    r, g, b = a[..., 0], a[..., 1], a[..., 2]
+    h = np.where(mx == r, ((g - b) / d) % 6, np.where(mx == g, (b - r) / d + 2, (r - g) / d + 4))
+    return h * 60.0
+
+
+def _components(mask: np.ndarray) -> list[np.ndarray]:
+    """4-connected components of a boolean mask (flood fill; masks here are small)."""
+    m = np.asarray(mask, bool)
+    seen = np.zeros_like(m)
+    h, w = m.shape
+    comps = []
+    for y0, x0 in zip(*np.nonzero(m), strict=True):
+        if seen[y0, x0]:
+            continue
+        comp = np.zeros_like(m)
+        stack = [(y0, x0)]
+        seen[y0, x0] = True
+        while stack:
+            y, x = stack.pop()
+            comp[y, x] = True
+            for ny, nx in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):
+                if 0 <= ny < h and 0 <= nx < w and m[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    stack.append((ny, nx))
+        comps.append(comp)
+    return comps
+
+
 @dataclass
 class EditAccuracy:
     """What the edited image shows where the edited object should be."""
@@ -253,9 +286,11 @@ def edit_accuracy(
     ``target`` is the source scene redrawn with the edit (``Scene.with_object``).
     Colour: :func:`editor.scenes.classify_color` under the ground-truth mask of
     object ``index`` in ``target`` (eroded by one pixel to skip anti-aliased
-    edges). Shape: :func:`editor.scenes.classify_shape` on the saturated pixels
-    of ``edited`` inside the union of the object's source and target masks
-    dilated by two pixels, minus the other objects' masks.
+    edges). Shape: :func:`editor.scenes.classify_shape` on the object as drawn in
+    ``edited``: the saturated pixels within 45 degrees of the colour read there,
+    taken as whole connected components (an object drawn larger than the truth is
+    not clipped) that overlap the edit region (the object's source and target
+    masks dilated by two pixels) more than the other objects' masks.
     """
     arr = np.asarray(edited.convert("RGB") if isinstance(edited, Image.Image) else edited)
     if arr.shape[:2] != (target.size, target.size):
@@ -266,15 +301,28 @@ def edit_accuracy(
     others = np.zeros_like(gt)
     for j, m in enumerate(t_masks):
         if j != index:
-            others |= dilate(m > 0.5, 1)
+            others |= m > 0.5
     if source is not None:
         _, s_masks = source.render()
         region |= s_masks[index] > 0.5
+        for j, m in enumerate(s_masks):
+            if j != index:
+                others |= m > 0.5
     region = dilate(region, 2) & ~others
     core = erode(gt, 1)
     color = scenes.classify_color(arr, core if core.sum() >= 4 else gt)
-    obj = scenes.object_mask(arr) & region
-    shape = scenes.classify_shape(obj)
+    # the object: saturated pixels of the colour read above (so a rainbow fringe does not
+    # widen its outline), whole connected components that lie mostly in the edit region
+    obj = scenes.object_mask(arr)
+    if color is not None:
+        hue = _hue(arr)
+        obj &= np.minimum(np.abs(hue - scenes.HUES[color]) % 360,
+                          360 - np.abs(hue - scenes.HUES[color]) % 360) <= 45
+    picked = np.zeros_like(obj)
+    for comp in _components(obj):
+        if (comp & region).sum() > (comp & others).sum():
+            picked |= comp
+    shape = scenes.classify_shape(picked)
     want = target.objects[index]
     return EditAccuracy(color, shape, color == want.color, shape == want.shape)
 

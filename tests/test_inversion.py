@@ -102,7 +102,7 @@ def test_null_text_beats_ddim_and_nears_vae_ceiling(editor):
     ceiling = psnr(editor.decode_latents(editor.encode_image(to_tensor(sc.image)))[0], sc.image)
     res = {}
     for method in ("ddim", "null-text", "direct"):
-        inv = editor.invert(sc.image, sc.caption, method=method, steps=20, progress=False)
+        inv = editor.invert(sc.image, sc.caption, method=method, steps=10, progress=False)
         res[method] = psnr(editor.reconstruct(inv, progress=False), sc.image)
     assert res["null-text"] >= res["ddim"] + 3.0, res
     assert res["null-text"] >= ceiling - 1.5, (res, ceiling)
@@ -127,8 +127,12 @@ def test_batched_equals_one_by_one(editor):
     for sc, inv in zip((a, b), both, strict=True):
         one = editor.invert(sc.image, sc.caption, **kw)
         assert inv.stats["inner_steps"] == one.stats["inner_steps"]
-        assert torch.allclose(inv.uncond, one.uncond, atol=1e-4)
         assert torch.allclose(inv.z_T, one.z_T, atol=1e-4)
+        # Adam's first steps are ~lr * sign(grad): embedding entries whose gradient is ~0
+        # may flip with batch-dependent float rounding, so compare what the embeddings do.
+        assert (inv.uncond - one.uncond).abs().mean() < 1e-3
+        assert torch.allclose(sample(editor, inv, progress=False),
+                              sample(editor, one, progress=False), atol=2e-3)
     # the two images really stopped at different inner steps or differ in embeddings
     assert not torch.allclose(both[0].uncond, both[1].uncond)
 
@@ -195,3 +199,17 @@ def test_any_size_and_aspect_is_resized_to_model_multiples(editor):
     assert w > h  # aspect kept
     assert inv.z_T.shape[-2:] == (h // editor.vae_scale_factor, w // editor.vae_scale_factor)
     assert editor.reconstruct(inv, progress=False).size == (w, h)
+
+
+def test_sync_every_changes_speed_not_result(editor):
+    """Reading the stop mask every inner step (CPU default), every 4th or never gives the
+    same embeddings: images that stopped are masked until the host looks."""
+    a, b = _scene(103), scenes.sample(104, n_objects=2)
+    kw = dict(steps=4, num_inner_steps=4, early_stop_epsilon=0.09, progress=False)
+    runs = [invert_batch(editor, [a.image, b.image], [a.caption, b.caption], sync_every=k, **kw)
+            for k in (1, 4, 0)]
+    assert runs[0][0].stats["inner_steps"] != runs[0][1].stats["inner_steps"]  # mixed stops
+    for other in runs[1:]:
+        for want, got in zip(runs[0], other, strict=True):
+            assert got.stats["inner_steps"] == want.stats["inner_steps"]
+            assert torch.equal(got.uncond, want.uncond)

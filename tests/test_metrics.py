@@ -96,6 +96,22 @@ def test_edit_accuracy_against_ground_truth():
     assert acc.color_ok and not acc.shape_ok
 
 
+
+def test_edit_accuracy_reads_the_whole_object():
+    """An edited object drawn larger than the truth is not clipped to the truth's region
+    (clipped, this square reads as a circle), and a saturated fringe of another hue
+    does not widen its outline."""
+    s = scenes.sample(13, n_objects=1, colors=("red",), shapes=("circle",), background="white")
+    want = s.scene.with_object(0, color="blue", shape="square")
+    big = want.with_object(0, radius=want.objects[0].radius * 1.35)
+    arr = np.asarray(big.render()[0]).copy()
+    assert metrics.edit_accuracy(arr, want, 0, source=s.scene).ok
+    ys, xs = np.nonzero(big.render()[1][0] > 0.5)
+    arr[ys.min() : ys.max(), xs.max() + 1 : xs.max() + 4] = (230, 40, 200)  # magenta fringe
+    acc = metrics.edit_accuracy(arr, want, 0, source=s.scene)
+    assert acc.ok, acc
+
+
 def test_protected_change_detects_leakage():
     s = scenes.sample(5, n_objects=2, colors=("red", "green"), shapes=("circle", "square"))
     edited = s.scene.with_object(1, color="blue")  # the right object is edited

@@ -221,9 +221,62 @@ def summarise(recs: dict[str, list[dict]], t_inv: float) -> dict:
     return out
 
 
+class _MassProcessor:
+    """Cross-attention processor that adds up, per key token, the attention probability of
+    the conditional half of the batch (diagnostic: which rows does the UNet read?)."""
+
+    def __init__(self, mass: torch.Tensor):
+        self.mass = mass
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 temb=None, **_):
+        cross = encoder_hidden_states is not None
+        ctx = encoder_hidden_states if cross else hidden_states
+        q = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        k = attn.head_to_batch_dim(attn.to_k(ctx))
+        v = attn.head_to_batch_dim(attn.to_v(ctx))
+        probs = attn.get_attention_scores(q, k, None)
+        if cross:
+            b = hidden_states.shape[0]
+            cond = probs.reshape(b, attn.heads, *probs.shape[1:])[b // 2 :]
+            self.mass += cond.float().sum(dim=(0, 1, 2)).cpu() / cond.shape[2]
+        out = attn.batch_to_head_dim(torch.bmm(probs, v))
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def attention_mass(editor: Editor, cs: list[Case], steps: int, guidance: float) -> dict:
+    """Share of the UNet's cross-attention that falls on BOS, the protected phrase, the other
+    words and the EOS/padding rows (conditional branch, all layers, heads and steps)."""
+    from editor.embeddings import end_positions, word_positions
+
+    tok = editor.pipe.tokenizer
+    unet = editor.pipe.unet
+    old = unet.attn_processors
+    shares: dict[str, list[float]] = {"bos": [], "protected": [], "other_words": [],
+                                      "eos": [], "padding": []}
+    try:
+        for c in tqdm(cs, desc="attention mass"):
+            mass = torch.zeros(editor.max_tokens)
+            unet.set_attn_processor(_MassProcessor(mass))
+            emb = editor.encode_text([c.sampled.caption])
+            generate_batch(editor, emb, [c.seed], steps, guidance)
+            mass /= mass.sum()
+            prot = find_phrase(tok, c.sampled.caption, c.protect)[0]
+            end = end_positions(tok, c.sampled.caption, editor.max_tokens)
+            words = [i for i in word_positions(tok, c.sampled.caption) if i not in prot]
+            shares["bos"].append(float(mass[0]))
+            shares["protected"].append(float(mass[prot].sum()))
+            shares["other_words"].append(float(mass[words].sum()))
+            shares["eos"].append(float(mass[end[0]]))
+            shares["padding"].append(float(mass[end[1:]].sum()))
+    finally:
+        unet.set_attn_processor(old)
+    return {k: float(np.mean(v)) for k, v in shares.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("part", choices=["t2i", "edit", "all"])
+    ap.add_argument("part", choices=["t2i", "edit", "all", "attention"])
     ap.add_argument("--n-t2i", type=int, default=64, help="text-to-image prompts")
     ap.add_argument("--n-edit", type=int, default=32, help="scenes to invert and edit")
     ap.add_argument("--first-seed", type=int, default=10_000)
@@ -249,6 +302,11 @@ def main(argv: list[str] | None = None) -> int:
                 f.write(text)
         print(text, flush=True)
 
+    if args.part == "attention":
+        result["attention_mass"] = attention_mass(editor, cases(args.n_t2i, args.first_seed),
+                                                  args.steps, args.guidance)
+        result["attention_mass"]["n"] = args.n_t2i
+        dump()
     if args.part in ("t2i", "all"):
         t0 = time.perf_counter()
         vs = [v for v in VARIANTS if want is None or v[0] in want]

@@ -5,8 +5,8 @@ handlers below (``invert_image``, ``edit_image``, ``load_inversion``, ...), each
 which takes an :class:`AppContext` (the shared, read-only editor plus a folder for
 downloads; bound with :func:`functools.partial`) and the session's :class:`Session`
 (a ``gr.State``). The inversion lives in that per-browser-session state, keyed by
-(image hash, caption, method, steps, model fingerprint), never on the shared editor,
-so two people editing at once never see each other's images. The handlers hold no
+(image hash, caption, method, steps, guidance, model fingerprint), never on the shared
+editor, so two people editing at once never see each other's images. The handlers hold no
 engine logic: they validate input, call the :class:`~editor.model.Editor` verbs and
 turn ``ValueError`` into ``gr.Error`` (a message on the page; the app keeps running).
 
@@ -19,7 +19,9 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass, field
 from functools import partial
@@ -40,8 +42,12 @@ from editor.inversion import METHODS, Inversion  # noqa: E402
 if TYPE_CHECKING:  # pragma: no cover
     from editor.model import Editor
 
-#: Bounded queue: one job at a time on the model, at most this many waiting.
+#: Bounded queue: at most this many jobs waiting.
 QUEUE_MAX_SIZE = 16
+#: Every event that runs the model shares this concurrency group, limited to one job: a
+#: per-event limit is not enough (an edit installs attention processors on the shared UNet,
+#: so an inversion running beside it would go through them).
+MODEL_QUEUE = "model"
 #: Edits kept per inversion in the gallery (older ones drop off).
 MAX_EDITS = 24
 #: Images smaller than this (bundled model: 64 px) are shown enlarged, pixel for pixel.
@@ -49,6 +55,14 @@ DISPLAY_MIN_SIDE = 256
 #: A session's inversion is forgotten after this many seconds without use.
 SESSION_TTL_S = 2 * 3600
 LEAKAGE_MODES_FALLBACK = ("none", "project", "replace", "both")
+
+#: Page style; pass it to ``demo.launch(css=CSS)`` (Gradio 6 takes CSS at launch).
+#: Small images (the bundled model's 64 px) fill their frame with visible pixels.
+CSS = """
+#image img, #reconstruction img { width: 100%; height: 100%; object-fit: contain;
+  image-rendering: pixelated; }
+#slider img, #edits img, #attention img { image-rendering: pixelated; }
+"""
 
 SD15_HINT = (
     "To edit photos, run Stable Diffusion 1.5: `pivot-edit ui --model /path/to/sd15` "
@@ -108,7 +122,17 @@ def display(img: Image.Image, min_side: int = DISPLAY_MIN_SIDE) -> Image.Image:
 
 
 def _new_file(ctx: AppContext, name: str) -> Path:
-    """A fresh path ``<workdir>/<random>/<name>`` (one folder per download, no clashes)."""
+    """A fresh path ``<workdir>/<random>/<name>`` (one folder per download, no clashes).
+
+    Download folders older than :data:`SESSION_TTL_S` are removed on the way.
+    """
+    cutoff = time.time() - SESSION_TTL_S
+    for old in ctx.workdir.iterdir():
+        try:
+            if old.is_dir() and old.stat().st_mtime < cutoff:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:  # another request removed it first
+            pass
     folder = ctx.workdir / uuid.uuid4().hex[:12]
     folder.mkdir(parents=True)
     return folder / name
@@ -433,7 +457,8 @@ def build_demo(
 
     ctx = make_context(editor, workdir)
     modes = leakage_modes()
-    with gr.Blocks(title="pivot-edit", analytics_enabled=False) as demo:
+    with gr.Blocks(title="pivot-edit", analytics_enabled=False,
+                   delete_cache=(3600, SESSION_TTL_S)) as demo:
         session = gr.State(Session(), time_to_live=SESSION_TTL_S)
         gr.Markdown("# pivot-edit\nEdit a real image with words: invert it once (null-text "
                     "inversion), then rewrite its caption (Prompt-to-Prompt).")
@@ -455,7 +480,9 @@ def build_demo(
                 examples = example_files(examples_dir)
                 if examples:
                     gr.Examples([list(e) for e in examples], inputs=[image, caption],
-                                label="Examples", examples_per_page=8)
+                                label="Examples (click one: image and caption)",
+                                examples_per_page=8, visible_columns=[0],
+                                example_labels=[c for _, c in examples])
             with gr.Column():
                 recon = gr.Image(label="Reconstruction", interactive=False, format="png",
                                  height=300, elem_id="reconstruction")
@@ -493,20 +520,24 @@ def build_demo(
                 edited_file = gr.DownloadButton("Download edited PNG", value=None,
                                                 elem_id="edit-download")
                 gallery = gr.Gallery(label="Edits of this inversion", columns=4, height=260,
-                                     format="png", elem_id="edits")
-        maps = gr.Gallery(label="Cross-attention per word (last edit)", columns=8, height=200,
-                          format="png", elem_id="attention")
+                                     format="png", elem_id="edits", object_fit="contain", fit_columns=False,
+                                     preview=False)
+        maps = gr.Gallery(label="Cross-attention per word (last edit; bright = attends more)",
+                          columns=8, height=200, format="png", elem_id="attention", fit_columns=False,
+                          object_fit="contain", preview=False)
 
         invert_btn.click(
             partial(invert_image, ctx), [image, caption, method_in, steps_in, guidance, session],
             [recon, status, inv_file, gallery, session], api_name="invert",
+            concurrency_id=MODEL_QUEUE,
         )
         edit_inputs = [target, cross, self_, local_blend, blend, reweight, protect, leakage,
                        session]
         edit_outputs = [slider, gallery, maps, edited_file, status, session]
-        edit_btn.click(partial(edit_image, ctx), edit_inputs, edit_outputs, api_name="edit")
+        edit_btn.click(partial(edit_image, ctx), edit_inputs, edit_outputs, api_name="edit",
+                       concurrency_id=MODEL_QUEUE)
         target.submit(partial(edit_image, ctx), edit_inputs, edit_outputs,
-                      api_visibility="private")
+                      api_visibility="private", concurrency_id=MODEL_QUEUE)
         cleared = [session, status, recon, gallery, inv_file]
         image.change(invalidate, [session], cleared, api_visibility="private",
                      concurrency_limit=None, show_progress="hidden")
@@ -515,7 +546,7 @@ def build_demo(
         load_file.upload(
             partial(load_inversion, ctx), [load_file, session],
             [session, caption, method_in, steps_in, guidance, recon, status, gallery],
-            api_name="load_inversion",
+            api_name="load_inversion", concurrency_id=MODEL_QUEUE,
         )
     demo.queue(default_concurrency_limit=1, max_size=QUEUE_MAX_SIZE)
     return demo

@@ -1,0 +1,428 @@
+"""The web app (ui/app.py): handlers called directly, the served app through
+``gradio_client`` (named endpoints, two sessions at once) and the page in headless
+Chromium (Playwright with Debian's ``chromium``; marked ``browser``).
+
+Inversions here use ``ddim`` with 10 steps on the bundled model: the UI is under test,
+not the inversion's quality.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+
+import gradio as gr  # noqa: E402
+
+from editor import cli  # noqa: E402
+from editor.images import psnr  # noqa: E402
+from editor.inversion import Inversion  # noqa: E402
+from ui import app  # noqa: E402
+from ui.app import Session  # noqa: E402
+
+STEPS = 10
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _noop(*args, **kwargs) -> None:
+    """Stands in for gr.Progress when a handler is called outside an event."""
+
+
+invert = partial(app.invert_image, progress=_noop)
+edit = partial(app.edit_image, progress=_noop)
+load = partial(app.load_inversion, progress=_noop)
+
+
+def _edit(ctx, target, session, *, blend=True, blend_words="", reweight="", protect="",
+          leakage="replace"):
+    return edit(ctx, target, 0.8, 0.4, blend, blend_words, reweight, protect, leakage, session)
+
+
+@pytest.fixture(scope="module")
+def examples() -> list[tuple[str, str]]:
+    return app.example_files()
+
+
+@pytest.fixture(scope="module")
+def ctx(editor, tmp_path_factory) -> app.AppContext:
+    return app.make_context(editor, tmp_path_factory.mktemp("ui-downloads"))
+
+
+@pytest.fixture(scope="module")
+def inverted(ctx, examples):
+    """The first example (a red circle on white), inverted once for the handler tests."""
+    path, caption = examples[0]
+    return invert(ctx, path, caption, "ddim", STEPS, 7.5, None)
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def test_parse_reweight_and_words():
+    assert app.parse_reweight("red=2, white background = 0.5") == {
+        "red": 2.0, "white background": 0.5}
+    assert app.parse_reweight("red:1.5") == {"red": 1.5}
+    assert app.parse_reweight("  ") is None
+    for bad in ("red", "red=x", "=2"):
+        with pytest.raises(ValueError, match="word=number"):
+            app.parse_reweight(bad)
+    assert app.parse_words(" red, ,blue circle ") == ["red", "blue circle"]
+
+
+def test_display_enlarges_small_images_pixel_for_pixel():
+    img = Image.fromarray(np.arange(64 * 64 * 3, dtype=np.uint8).reshape(64, 64, 3))
+    big = app.display(img)
+    assert big.size == (256, 256)
+    assert np.array_equal(np.asarray(big)[::4, ::4], np.asarray(img))
+    large = Image.new("RGB", (512, 300))
+    assert app.display(large) is large
+
+
+def test_attention_picture_is_a_heat_map_over_the_source():
+    amap = np.zeros((16, 16), np.float32)
+    amap[4:8, 4:8] = 1.0
+    pic = np.asarray(app.attention_picture(amap, Image.new("RGB", (64, 64), "gray")))
+    assert pic.shape == (256, 256, 3)
+    hot, cold = pic[80:110, 80:110].mean(), pic[200:, 200:].mean()
+    assert hot > cold + 50
+
+
+def test_examples_exist_with_captions(examples):
+    assert 4 <= len(examples) <= 8
+    for path, caption in examples:
+        img = Image.open(path)
+        assert img.mode == "RGB" and min(img.size) >= 32
+        assert caption.startswith("a ") and "background" in caption
+
+
+def test_model_line_names_the_model_and_how_to_run_sd15(editor):
+    text = app.model_markdown(editor)
+    assert editor.fingerprint in text and "shapes" in text
+    assert "pivot-edit ui --model" in text and "simple shapes" in text
+
+
+def test_old_download_folders_are_pruned(ctx):
+    old = ctx.workdir / "old-download"
+    old.mkdir()
+    (old / "edit.png").write_bytes(b"x")
+    past = time.time() - app.SESSION_TTL_S - 60
+    os.utime(old, (past, past))
+    fresh = app._new_file(ctx, "edit.png")
+    assert not old.exists() and fresh.parent.is_dir() and fresh.name == "edit.png"
+
+
+# -- handlers -----------------------------------------------------------------------------------
+
+
+def test_invert_shows_reconstruction_psnr_and_inversion_file(editor, inverted, examples):
+    recon, status, inv_path, gallery, session = inverted
+    assert recon.size == (256, 256)  # 64 px shown enlarged
+    assert "PSNR" in status and "ddim" in status
+    assert gallery == []
+    src = Image.open(examples[0][0]).convert("RGB")
+    assert session.source.size == src.size
+    assert status.count("dB") == 1
+    shown = float(status.split("PSNR **")[1].split(" dB")[0])
+    assert shown == pytest.approx(psnr(src, session.reconstruction), abs=0.01)
+    assert shown > 15  # the reconstruction resembles the input
+    inv = Inversion.load(inv_path)
+    assert (inv.prompt, inv.method, inv.steps) == (examples[0][1], "ddim", STEPS)
+    key = session.key
+    assert key[1:] == (examples[0][1], "ddim", STEPS, 7.5, editor.fingerprint)
+    assert key[0] == inv.image_hash
+
+
+def test_invert_again_with_the_same_key_reuses_the_inversion(ctx, inverted, examples):
+    path, caption = examples[0]
+    session = inverted[4]
+    again = invert(ctx, path, "  " + caption + " ", "ddim", STEPS, 7.5, session)
+    assert again[4] is session and "kept" in again[1]
+
+
+def test_edit_gives_slider_gallery_maps_and_png(ctx, inverted):
+    session = inverted[4]
+    target = "a blue circle on a white background"
+    (before, after), gallery, maps, png, status, s1 = _edit(ctx, target, session)
+    assert before.size == after.size == (256, 256)
+    assert np.array_equal(np.asarray(before)[::4, ::4], np.asarray(session.source))
+    out = Image.open(png)
+    assert out.size == (64, 64)  # the download is the model's own output, not enlarged
+    assert np.array_equal(np.asarray(app.display(out)), np.asarray(after))
+    assert [c for _, c in gallery] == [target]
+    words = [w for _, w in maps]
+    assert "blue" in words and "circle" in words
+    assert "Edited" in status and s1.inversion is session.inversion
+    assert session.edits == []  # the input state is not mutated
+    # a second edit of the same inversion joins the gallery, newest first
+    second = _edit(ctx, "a red square on a white background", s1)
+    assert [c for _, c in second[1]] == ["a red square on a white background", target]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"blend_words": "hexagon"}, "hexagon"),
+        ({"reweight": "hexagon=2"}, "hexagon"),
+        ({"reweight": "blue=two"}, "word=number"),
+        ({"protect": "purple sky"}, "purple sky"),
+    ],
+)
+def test_edit_with_unknown_words_is_a_page_error(ctx, inverted, kwargs, message):
+    with pytest.raises(gr.Error, match=message):
+        _edit(ctx, "a blue circle on a white background", inverted[4], **kwargs)
+
+
+def test_bad_input_is_a_page_error(ctx, inverted, examples, tmp_path):
+    path, caption = examples[0]
+    with pytest.raises(gr.Error, match="No image"):
+        invert(ctx, None, caption, "ddim", STEPS, 7.5, None)
+    with pytest.raises(gr.Error, match="caption is empty"):
+        invert(ctx, path, "   ", "ddim", STEPS, 7.5, None)
+    with pytest.raises(gr.Error, match="unknown inversion method"):
+        invert(ctx, path, caption, "magic", STEPS, 7.5, None)
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"this is not a png")
+    with pytest.raises(gr.Error, match="not a readable image"):
+        invert(ctx, str(junk), caption, "ddim", STEPS, 7.5, None)
+    for session in (None, Session()):
+        with pytest.raises(gr.Error, match="invert an image first"):
+            _edit(ctx, "a blue circle on a white background", session)
+    with pytest.raises(gr.Error, match="target prompt is empty"):
+        _edit(ctx, "", inverted[4])
+
+
+def test_changing_image_or_caption_forgets_the_inversion(inverted):
+    session, status, recon, gallery, file = app.invalidate(inverted[4])
+    assert session.inversion is None and session.key is None
+    assert "Invert" in status and recon is None and gallery == [] and file is None
+    assert inverted[4].inversion is not None  # other sessions' objects untouched
+    assert app.invalidate(None)[1] == ""
+
+
+def test_load_inversion_file_then_edit(ctx, editor, inverted, tmp_path):
+    session, caption, method, steps, guidance, recon, status, gallery = load(
+        ctx, inverted[2], None)
+    assert (caption, method, steps, guidance) == (inverted[4].inversion.prompt, "ddim", STEPS, 7.5)
+    assert session.key == inverted[4].key and session.source is None
+    assert "Loaded" in status and recon.size == (256, 256)
+    # the reloaded inversion reconstructs the same image
+    assert np.array_equal(np.asarray(session.reconstruction),
+                          np.asarray(inverted[4].reconstruction))
+    (before, after), *_ = _edit(ctx, "a green circle on a white background", session)
+    # no input image with a file: "before" is the edit's source branch, i.e. the reconstruction
+    assert psnr(before, app.display(session.reconstruction)) > 30
+
+    other = Inversion.load(inverted[2])
+    other.model_fingerprint = "0" * 16
+    foreign = other.save(tmp_path / "foreign.safetensors")
+    with pytest.raises(gr.Error, match="made with model"):
+        load(ctx, str(foreign), None)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00" * 64)
+    with pytest.raises(gr.Error, match="not a pivot-edit inversion"):
+        load(ctx, str(junk), None)
+    with pytest.raises(gr.Error, match="No inversion file"):
+        load(ctx, None, None)
+
+
+# -- the CLI ------------------------------------------------------------------------------------
+
+
+def test_parse_auth():
+    assert cli.parse_auth("ann:s3cret:x") == ("ann", "s3cret:x")
+    assert cli.parse_auth(None) is None
+    for bad in ("ann", ":pw", "ann:"):
+        with pytest.raises(ValueError, match="USER:PASSWORD"):
+            cli.parse_auth(bad)
+
+
+def test_cli_ui_serves_on_loopback_by_default(monkeypatch, editor):
+    calls = {}
+
+    class FakeDemo:
+        def launch(self, **kwargs):
+            calls.update(kwargs)
+
+    monkeypatch.setattr(cli, "load_editor", lambda args: editor)
+    monkeypatch.setattr(app, "build_demo", lambda ed: FakeDemo())
+    assert cli.main(["ui", "--model", "shapes"]) == 0
+    assert calls["server_name"] == "127.0.0.1" and calls["server_port"] == 7860
+    assert calls["share"] is False and calls["auth"] is None
+    assert calls["max_file_size"] == "10mb"
+    assert os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"
+    assert cli.main(["ui", "--model", "shapes", "--auth", "ann:pw", "--port", "8000",
+                     "--max-file-size", "2mb"]) == 0
+    assert calls["auth"] == ("ann", "pw") and calls["server_port"] == 8000
+    assert calls["max_file_size"] == "2mb"
+
+
+def test_cli_ui_rejects_bad_auth_before_loading(capsys, monkeypatch):
+    monkeypatch.setattr(cli, "load_editor", lambda args: pytest.fail("loaded the model"))
+    assert cli.main(["ui", "--auth", "nopassword"]) == 2
+    assert "USER:PASSWORD" in capsys.readouterr().err
+
+
+# -- the served app -----------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(editor, tmp_path_factory):
+    """The app launched in this process on a free loopback port; yields its URL."""
+    demo = app.build_demo(editor, workdir=tmp_path_factory.mktemp("served"), method="ddim",
+                          steps=STEPS)
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=_free_port(),
+                quiet=True, css=app.CSS)
+    yield demo.local_url
+    demo.close()
+
+
+def _client(url):
+    from gradio_client import Client
+
+    return Client(url, verbose=False)
+
+
+def test_client_invert_then_edit_through_named_endpoints(served, examples):
+    from gradio_client import handle_file
+
+    client = _client(served)
+    named = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    assert {"/invert", "/edit"} <= set(named)
+    path, caption = examples[0]
+    recon, status, inv_file, gallery = client.predict(
+        handle_file(path), caption, "ddim", STEPS, 7.5, api_name="/invert")
+    assert "PSNR" in status and Path(recon).is_file()
+    assert Inversion.load(inv_file).prompt == caption
+    target = "a blue circle on a white background"
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="hexagon"):
+        client.predict(target, blend_words="hexagon", api_name="/edit")
+    # the error left the session's inversion in place
+    slider, gallery, maps, png, status = client.predict(target, api_name="/edit")
+    assert "Edited" in status
+    assert len(slider) == 2 and all(Path(p).is_file() for p in slider)
+    assert [g["caption"] for g in gallery] == [target]
+    assert "blue" in [m["caption"] for m in maps]
+    assert Image.open(png).size == Image.open(path).size
+
+
+def test_invert_reports_tqdm_progress_to_the_client(served, examples):
+    """gr.Progress(track_tqdm=True) forwards the engine's tqdm bars to the page/client."""
+    from gradio_client import handle_file
+
+    path, caption = examples[3]
+    job = _client(served).submit(handle_file(path), caption, "ddim", 20, 7.5, api_name="/invert")
+    seen = set()
+    while not job.done():
+        for unit in job.status().progress_data or []:
+            seen.add(unit.desc)
+        time.sleep(0.02)
+    assert "PSNR" in job.result()[1]
+    assert seen & {"DDIM inversion", "sampling", "inverting"}, seen
+
+
+def test_two_sessions_each_get_their_own_result(served, examples):
+    """Two clients invert and edit at once. Each must get an edit of its own image, and
+    the jobs must not overlap on the shared model (an edit's attention processors on the
+    UNet would break an inversion running beside it: all model events share one queue)."""
+    from gradio_client import handle_file
+
+    (path_a, cap_a), (path_b, cap_b) = examples[0], examples[2]  # white vs black background
+    clients = [_client(served), _client(served)]
+    with pytest.raises(Exception, match="invert an image first"):
+        clients[1].predict("a blue circle on a white background", api_name="/edit")
+
+    def run(client, path, caption, target):
+        client.predict(handle_file(path), caption, "ddim", STEPS, 7.5, api_name="/invert")
+        return client.predict(target, api_name="/edit")[3]
+
+    targets = ("a blue circle on a white background", cap_b.replace("yellow", "red"))
+    with ThreadPoolExecutor(2) as pool:
+        jobs = [pool.submit(run, c, p, cap, t) for c, p, cap, t in
+                zip(clients, (path_a, path_b), (cap_a, cap_b), targets, strict=True)]
+        out_a, out_b = (Image.open(j.result(timeout=300)).convert("RGB") for j in jobs)
+    src_a, src_b = (Image.open(p).convert("RGB") for p in (path_a, path_b))
+    assert psnr(out_a, src_a) > psnr(out_a, src_b) + 3
+    assert psnr(out_b, src_b) > psnr(out_b, src_a) + 3
+
+
+def test_unreadable_upload_is_refused_and_the_app_keeps_running(served, examples, tmp_path):
+    from gradio_client import handle_file
+
+    client = _client(served)
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"not an image at all")
+    with pytest.raises(Exception):  # noqa: B017 - Gradio refuses it while preprocessing
+        client.predict(handle_file(str(junk)), "a red circle on a white background", "ddim",
+                       STEPS, 7.5, api_name="/invert")
+    path, caption = examples[0]
+    assert "PSNR" in client.predict(handle_file(path), caption, "ddim", STEPS, 7.5,
+                                    api_name="/invert")[1]
+
+
+# -- the page in a browser ---------------------------------------------------------------------
+
+
+def _playwright():
+    if CHROMIUM is None:
+        pytest.skip("no chromium on PATH (apt-get install -y chromium)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright is not installed (pip install playwright; no browser download)")
+    return sync_playwright
+
+
+@pytest.mark.browser
+def test_browser_upload_invert_edit_and_screenshot(served, examples, tmp_path):
+    sync_playwright = _playwright()
+    path, caption = examples[0]
+    target = "a blue circle on a white background"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM, headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1500})
+            page.set_default_timeout(120_000)
+            page.goto(served)
+            page.locator("#image input[type=file]").set_input_files(path)
+            page.locator("#caption textarea").fill(caption)
+            page.locator("#invert").click()
+            page.locator("#reconstruction img").wait_for()
+            page.get_by_text("Reconstruction PSNR").wait_for()
+            page.locator("#target textarea").fill(target)
+            page.locator("#edit").click()
+            page.locator("#slider img").first.wait_for()
+            page.get_by_text("Edited to").wait_for()
+            assert page.locator("#edits img").count() >= 1
+            assert page.locator("#attention img").count() >= 3
+            shot = tmp_path / "ui.png"
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+    assert Image.open(shot).size[0] >= 1000
+    docs = REPO / "docs" / "images"
+    docs.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(shot, docs / "ui.png")
+    print(f"screenshot: {shot}", file=sys.stderr)
