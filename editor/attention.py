@@ -84,6 +84,7 @@ class AttentionController:
 
     def __init__(self) -> None:
         self.step: int | None = None
+        self.active = True  # False: pass probabilities through untouched (auxiliary UNet calls)
 
     def set_step(self, step: int) -> None:
         self.step = int(step)
@@ -281,6 +282,8 @@ class PromptToPrompt(AttentionController):
         return self.edits_self and layer.queries <= self.self_max_queries
 
     def __call__(self, probs: torch.Tensor, layer: LayerInfo, heads: int) -> torch.Tensor:
+        if not self.active:
+            return probs
         if self.step is None:
             raise RuntimeError("PromptToPrompt: set_step() was not called before the UNet ran")
         total = probs.shape[0] // heads
@@ -310,41 +313,85 @@ class PromptToPrompt(AttentionController):
 
 
 class LocalBlend:
-    """Keep everything outside the edited words' region (P2P local blending, sec. 3.3).
+    """Keep everything outside the edited region (P2P local blending, Hertz et al. 2022, sec. 3.3).
 
-    ``add`` / ``subtract`` are ``rows x tokens`` weights selecting each row's words.
-    At steps ``>= start``: average the selected words' stored maps (``sizes``),
-    max-pool 3x3 (the subtract mask is not pooled), resize to the latent, normalise
-    by the max, threshold, union with the source row's mask, and set
-    ``x_k = x_src + mask_k * (x_k - x_src)``.
+    Two sources for the region, both giving ``rows x 1 x h x w`` masks at latent size:
+
+    - ``"attention"`` (the published P2P blend): ``add`` (``rows x tokens``) selects each
+      row's words; their stored cross-attention maps (``sizes``) are averaged, max-pooled
+      3x3, resized to the latent, normalised by the max and thresholded; the source row's
+      mask is united with each target's.
+    - ``"noise"`` (DiffEdit's mask, Couairon et al. 2022, sec. 3.1, computed inside the
+      edit): the caller passes, for the steps before ``noise_until``, the channel-mean of
+      ``|eps(x_src, target prompt) - eps(x_src, source prompt)|`` (both conditional, on
+      the source branch's latent); their sum is average-pooled 3x3, normalised by the max
+      and thresholded. For models whose word maps do not localise (the bundled one).
+
+    ``subtract`` (attention maps of words, not pooled) is removed from the mask. At steps
+    ``>= start``: ``x_k = x_src + mask_k * (x_k - x_src)``.
     """
 
     def __init__(
         self,
-        add: torch.Tensor,
+        add: torch.Tensor | None,
         sizes: list[tuple[int, int]],
         *,
         start: int,
         threshold: float = 0.3,
         subtract: torch.Tensor | None = None,
+        source: str = "attention",
+        noise_until: int = 0,
+        noise_threshold: float = 0.4,
     ) -> None:
-        if not sizes:
-            raise ValueError("local blending needs at least one stored map size")
+        if source not in ("attention", "noise"):
+            raise ValueError(f"unknown blend mask source {source!r}; use 'attention' or 'noise'")
+        if source == "attention" and (add is None or not sizes):
+            raise ValueError("attention blending needs words and at least one stored map size")
+        if source == "noise" and noise_until < 1:
+            raise ValueError("noise blending needs at least one step to estimate its mask")
         self.add, self.subtract = add, subtract
         self.sizes = list(sizes)
         self.start = int(start)
         self.threshold = float(threshold)
+        self.source = source
+        self.noise_until = int(noise_until)
+        self.noise_threshold = float(noise_threshold)
+        self.noise: torch.Tensor | None = None
         self.last_mask: torch.Tensor | None = None
 
+    def wants_noise(self, step: int) -> bool:
+        return self.source == "noise" and step < self.noise_until
+
+    def observe(self, eps_source: torch.Tensor, eps_targets: torch.Tensor, step: int) -> None:
+        """Accumulate ``|eps_targets - eps_source|`` (channel mean; ``1`` and ``K x C x h x w``)."""
+        if not self.wants_noise(step):
+            return
+        d = (eps_targets.float() - eps_source.float()).abs().mean(1, keepdim=True)
+        d = torch.cat([torch.zeros_like(d[:1]), d])  # the source row: no difference
+        self.noise = d if self.noise is None else self.noise + d
+
     def mask(self, store: AttentionStore, latent_hw: tuple[int, int]) -> torch.Tensor | None:
-        """Boolean mask ``rows x 1 x h x w`` at latent size (None before any map was stored)."""
-        maps = store.average(self.sizes)  # rows x L x h x w
-        if maps is None:
-            return None
-        m = self._mask(maps, self.add, latent_hw, pool=True)
-        if self.subtract is not None:
+        """Boolean mask ``rows x 1 x h x w`` at latent size (None before anything was observed)."""
+        maps = store.average(self.sizes) if self.sizes else None
+        if self.source == "noise":
+            if self.noise is None:
+                return None
+            m = F.avg_pool2d(self.noise, 3, stride=1, padding=1, count_include_pad=False)
+            m = F.interpolate(m, size=tuple(latent_hw), mode="bilinear", align_corners=False)
+            m = self._threshold(m, self.noise_threshold)
+            m[0] = False  # the source row keeps itself
+        else:
+            if maps is None:
+                return None
+            m = self._mask(maps, self.add, latent_hw, pool=True)
+        if self.subtract is not None and maps is not None:
             m = m & ~self._mask(maps, self.subtract, latent_hw, pool=False)
         return m
+
+    @staticmethod
+    def _threshold(m: torch.Tensor, th: float) -> torch.Tensor:
+        mx = m.amax(dim=(2, 3), keepdim=True)
+        return torch.where(mx > 0, m / mx.clamp_min(1e-12), torch.zeros_like(m)) > th
 
     def _mask(self, maps: torch.Tensor, weights: torch.Tensor, hw: tuple[int, int], pool: bool) -> torch.Tensor:
         w = weights.to(maps)[:, :, None, None]
@@ -352,8 +399,7 @@ class LocalBlend:
         if pool:
             m = F.max_pool2d(m, 3, stride=1, padding=1)
         m = F.interpolate(m, size=tuple(hw), mode="nearest")
-        mx = m.amax(dim=(2, 3), keepdim=True)
-        m = torch.where(mx > 0, m / mx.clamp_min(1e-12), torch.zeros_like(m)) > self.threshold
+        m = self._threshold(m, self.threshold)
         return m[:1] | m
 
     def __call__(self, latents: torch.Tensor, store: AttentionStore, step: int) -> torch.Tensor:

@@ -9,6 +9,7 @@ inner step, a batch-2 pass to advance each step) against the engine on the same 
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from typing import Any
@@ -25,13 +26,18 @@ from .model import Editor
 BENCH_SEEDS = (9_100_001, 9_100_002, 9_100_003, 9_100_004)
 
 
-def machine() -> dict[str, Any]:
-    info = {"platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "cpu_count": torch.get_num_threads()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
+def machine() -> dict[str, str | int | None]:
+    """Where a benchmark ran: OS, Python, torch, CPU count, torch threads and accelerator."""
+    info: dict[str, str | int | None] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "accelerator": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
     return info
-
 
 def reference_null_text(editor: Editor, image, prompt: str, *, steps: int = 50,
                         guidance: float = 7.5, num_inner_steps: int = 10,
@@ -123,20 +129,24 @@ def bench_inversion(editor: Editor, *, steps: int = 50, guidance: float = 7.5,
                                   "seconds": sum(secs) / len(secs)}
     if reference:  # same image, same settings, early stopping disabled on both
         sc = items[0]
-        t0 = time.perf_counter()
-        ref = reference_null_text(editor, sc.image, sc.caption, steps=steps, guidance=guidance,
-                                  early_stop_epsilon=None)
-        t_ref = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        eng = invert(editor, sc.image, sc.caption, steps=steps, guidance=guidance,
-                     early_stop_epsilon=None, progress=False)
-        t_eng = time.perf_counter() - t0
-        p_ref = psnr(editor.reconstruct(ref, progress=False), sc.image)
-        p_eng = psnr(editor.reconstruct(eng, progress=False), sc.image)
+        kw = dict(steps=steps, guidance=guidance, early_stop_epsilon=None)
+        runs = {"reference": [], "engine": []}
+        results = {}
+        # A-B-B-A order, so a machine whose load drifts during the run biases neither side
+        for who in ("reference", "engine", "engine", "reference"):
+            t0 = time.perf_counter()
+            if who == "reference":
+                results[who] = reference_null_text(editor, sc.image, sc.caption, **kw)
+            else:
+                results[who] = invert(editor, sc.image, sc.caption, progress=False, **kw)
+            runs[who].append(time.perf_counter() - t0)
+        t_ref, t_eng = sum(runs["reference"]) / 2, sum(runs["engine"]) / 2
+        p_ref = psnr(editor.reconstruct(results["reference"], progress=False), sc.image)
+        p_eng = psnr(editor.reconstruct(results["engine"], progress=False), sc.image)
         out["reference"] = {"reference_seconds": t_ref, "engine_seconds": t_eng,
-                            "speedup": t_ref / t_eng, "reference_psnr": p_ref,
-                            "engine_psnr": p_eng, "psnr_delta": p_eng - p_ref,
-                            "early_stop": False}
+                            "runs": runs, "order": "ABBA", "speedup": t_ref / t_eng,
+                            "reference_psnr": p_ref, "engine_psnr": p_eng,
+                            "psnr_delta": p_eng - p_ref, "early_stop": False}
     return out
 
 
@@ -174,16 +184,21 @@ SMOKE_TEXT = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=1,
 #: Issue 7's targets (H100/H200, SD 1.5 shape, 512x512, 50 steps, 10 inner steps, no early stop).
 GPU_TARGETS = {"nti_seconds_per_image_batch1": 8.0, "nti_seconds_per_image_batch8": 2.5,
                "p2p_edit_seconds": 2.0}
-#: Variants of ``bench gpu``: name -> (UNet dtype, fast mode or None for the plain loop).
-GPU_VARIANTS: dict[str, tuple[torch.dtype, str | None]] = {
-    "eager-fp32": (torch.float32, None),
-    "eager-bf16": (torch.bfloat16, None),
-    "static-eager-bf16": (torch.bfloat16, "static-eager"),
-    "cuda-graph-bf16": (torch.bfloat16, "cuda-graph"),
-    "compile-bf16": (torch.bfloat16, "compile"),
-    "compile+cuda-graph-bf16": (torch.bfloat16, "compile+cuda-graph"),
+#: Variants of ``bench gpu``: name -> (UNet dtype, fast mode or None for the plain loop,
+#: channels-last). The embedding, Adam and the loss are fp32 in all of them.
+GPU_VARIANTS: dict[str, tuple[torch.dtype, str | None, bool]] = {
+    "eager-fp32": (torch.float32, None, False),
+    "eager-bf16": (torch.bfloat16, None, False),
+    "static-eager-bf16": (torch.bfloat16, "static-eager", False),
+    "cuda-graph-bf16": (torch.bfloat16, "cuda-graph", False),
+    "cuda-graph-bf16-cl": (torch.bfloat16, "cuda-graph", True),
+    "compile-bf16": (torch.bfloat16, "compile", False),
+    "compile+cuda-graph-bf16": (torch.bfloat16, "compile+cuda-graph", False),
+    "cuda-graph-fp16": (torch.float16, "cuda-graph", False),
 }
-DEFAULT_GPU_VARIANTS = ("eager-fp32", "eager-bf16", "static-eager-bf16", "cuda-graph-bf16")
+DEFAULT_GPU_VARIANTS = ("eager-fp32", "eager-bf16", "static-eager-bf16", "cuda-graph-bf16",
+                        "cuda-graph-bf16-cl", "cuda-graph-fp16")
+_DTYPE_ORDER = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def sd15_random_editor(device: str | torch.device = "cuda", *, smoke: bool = False,
@@ -333,6 +348,14 @@ def bench_gpu(*, device: str | torch.device | None = None, smoke: bool = False,
         if out_path:
             Path(out_path).write_text(json.dumps(out, indent=1))
 
+    def timed_edit(key: str) -> None:
+        try:
+            out[key] = time_edit(editor, images[0], prompts[0], edit_target, steps=steps)
+        except Exception as exc:  # noqa: BLE001 - record it, keep the other figures
+            out[key] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+            say(f"{key}: {out[key]['error']}")
+        save()
+
     t0 = time.perf_counter()
     editor = sd15_random_editor(dev, smoke=smoke)
     out["build_seconds"] = time.perf_counter() - t0
@@ -346,21 +369,26 @@ def bench_gpu(*, device: str | torch.device | None = None, smoke: bool = False,
     edit_target = "a blue circle on a white background"
     compiled: dict[int, torch.nn.Module] = {}  # one compilation shared by the compile modes
     say(f"bench gpu: {info['device']}, UNet {out['unet_params_M']:.1f} M parameters")
-    for name in sorted(variants, key=lambda v: GPU_VARIANTS[v][0] != torch.float32):
-        dtype, mode = GPU_VARIANTS[name]
+    for name in sorted(variants, key=lambda v: _DTYPE_ORDER[GPU_VARIANTS[v][0]]):
+        dtype, mode, channels_last = GPU_VARIANTS[name]
+        res: dict[str, Any] = {"dtype": str(dtype).removeprefix("torch."), "mode": mode or "plain",
+                               "channels_last": channels_last}
+        out["results"][name] = res
+        fast = None
+        if mode is not None:
+            fast = FastPath(mode=mode, channels_last=channels_last)
+            if fast.compiled:
+                fast._unets = compiled
+            try:
+                fast.check_device(dev)
+            except ValueError as exc:  # cuda-graph / compile on a CPU (--cpu-smoke)
+                res["skipped"] = str(exc)
+                continue
         if unet.dtype != dtype:
             unet.to(dtype)
         if edit and "edit_fp32" not in out and dtype == torch.float32:
-            out["edit_fp32"] = time_edit(editor, images[0], prompts[0], edit_target, steps=steps)
-        res: dict[str, Any] = {"dtype": str(dtype).removeprefix("torch."), "mode": mode or "plain"}
-        out["results"][name] = res
+            timed_edit("edit_fp32")
         try:
-            fast = None
-            if mode is not None:
-                fast = FastPath(mode=mode)
-                if fast.compiled:
-                    fast._unets = compiled
-                fast.check_device(dev)
             for b in batches if dtype != torch.float32 else (1,):  # fp32: the baseline only
                 t0 = time.perf_counter()  # warm-up: one timestep (capture / compile per shape)
                 time_null_text(editor, images[:b], prompts[:b], fast=fast, steps=2,
@@ -374,19 +402,16 @@ def bench_gpu(*, device: str | torch.device | None = None, smoke: bool = False,
                 caps = [rn.capture_seconds for rn in fast._runners.values() if rn.capture_seconds]
                 if caps:
                     res["capture_seconds"] = caps
-        except ValueError as exc:  # e.g. cuda-graph asked for on a CPU (--cpu-smoke)
-            res["skipped"] = str(exc)
         except Exception as exc:  # noqa: BLE001 - a failing variant must not lose the others
             res["error"] = f"{type(exc).__name__}: {exc}"[:2000]
             say(f"{name}: {res['error']}")
+        fast = None  # free this variant's graphs and UNet copies before the next one
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
         save()
     if edit:
-        if unet.dtype != torch.bfloat16:
-            unet.to(torch.bfloat16)
-        try:
-            out["edit_bf16"] = time_edit(editor, images[0], prompts[0], edit_target, steps=steps)
-        except Exception as exc:  # noqa: BLE001
-            out["edit_bf16"] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+        unet.to(torch.bfloat16)
+        timed_edit("edit_bf16")
     out["checks"] = _gpu_checks(out) if not smoke else "smoke run: not a measurement"
     save()
     return out
@@ -408,3 +433,51 @@ def _gpu_checks(out: dict[str, Any]) -> dict[str, Any]:
     checks["p2p_edit_seconds"] = {"best": e, "variant": "bf16",
                                   "met": None if e is None else e <= GPU_TARGETS["p2p_edit_seconds"]}
     return checks
+
+
+def bench_precision(editor: Editor, *, steps: int = 50, guidance: float = 7.5,
+                    seeds: tuple[int, ...] = BENCH_SEEDS) -> dict[str, Any]:
+    """What a bf16 UNet does to null-text reconstruction (issue 7's "within 0.3 dB").
+
+    On the same scenes (inverted in one batch, early stopping as default), PSNR of:
+    ``fp32`` the plain loop; ``fast-bf16`` the fast path (static buffers) with a bf16 copy of
+    the UNet, embedding/Adam/loss fp32, sampled back with the fp32 UNet; ``bf16`` inversion
+    and sampling both with the UNet in bf16 (what a GPU app running bf16 does). The VAE and
+    text encoder stay fp32 in all three.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    from .fastpath import FastPath
+    from .inversion import invert_batch
+
+    items = [scenes.sample(s, n_objects=1 + k % 2, size=editor.native_size)
+             for k, s in enumerate(seeds)]
+    imgs, caps = [sc.image for sc in items], [sc.caption for sc in items]
+    ceil = [psnr(editor.decode_latents(editor.encode_image(to_tensor(im)))[0], im) for im in imgs]
+    fast = FastPath("static-eager", dtype=torch.bfloat16)
+    pipe = editor.pipe
+    bf16 = Editor(pipe=StableDiffusionPipeline(
+        vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+        unet=fast.unet_for(editor), scheduler=pipe.scheduler, safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False),
+        model_id=editor.model_id + "+bf16-unet")
+    runs = {"fp32": (editor, None, editor), "fast-bf16": (editor, fast, editor),
+            "bf16": (bf16, None, bf16)}
+    out: dict[str, Any] = {"model": editor.model_id, "steps": steps, "guidance": guidance,
+                           "scenes": len(seeds), "vae_ceiling_psnr": sum(ceil) / len(ceil),
+                           "machine": machine(), "runs": {}}
+    for name, (inv_ed, fp, rec_ed) in runs.items():
+        t0 = time.perf_counter()
+        invs = invert_batch(inv_ed, imgs, caps, steps=steps, guidance=guidance, fast=fp,
+                            progress=False)
+        secs = time.perf_counter() - t0
+        vals = [psnr(rec_ed.reconstruct(inv, progress=False), im) for inv, im in zip(invs, imgs, strict=True)]
+        out["runs"][name] = {"psnr": sum(vals) / len(vals), "psnr_each": vals, "seconds": secs,
+                             "inner_steps_mean": sum(sum(i.stats["inner_steps"]) for i in invs)
+                             / (len(invs) * steps)}
+    base = out["runs"]["fp32"]["psnr_each"]
+    for name in ("fast-bf16", "bf16"):
+        r = out["runs"][name]
+        r["delta_db"] = r["psnr"] - out["runs"]["fp32"]["psnr"]
+        r["worst_delta_db"] = min(a - b for a, b in zip(r["psnr_each"], base, strict=True))
+    return out

@@ -140,30 +140,11 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0
 
 
-def machine_description() -> dict[str, str | int | None]:
-    """Where a benchmark ran: OS, Python, torch, CPU count and accelerator name."""
-    import os
-    import platform
-
-    import torch
-
-    info: dict[str, str | int | None] = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "accelerator": None,
-    }
-    if torch.cuda.is_available():
-        info["accelerator"] = torch.cuda.get_device_name()
-    return info
-
-
 def cmd_bench_model(args: argparse.Namespace) -> int:
     """Time loading the model and one generation; print JSON."""
     import torch
+
+    from .bench import machine
 
     t0 = time.perf_counter()
     editor = load_editor(args)
@@ -189,7 +170,7 @@ def cmd_bench_model(args: argparse.Namespace) -> int:
         "load_seconds": round(load_s, 3),
         "steps": args.steps,
         "generate_seconds": round(gen_s, 3),
-        "machine": machine_description(),
+        "machine": machine(),
     }
     print(json.dumps(result, indent=1))
     return 0
@@ -393,8 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="torch device (default: cuda)")
     p.add_argument("--variants", default=None,
                    help="comma list of eager-fp32, eager-bf16, static-eager-bf16, "
-                        "cuda-graph-bf16, compile-bf16, compile+cuda-graph-bf16 (default: the "
-                        "first four; compile takes minutes to warm up)")
+                        "cuda-graph-bf16, cuda-graph-bf16-cl (channels-last), cuda-graph-fp16, "
+                        "compile-bf16, compile+cuda-graph-bf16 (default: all but the compile "
+                        "ones, whose warm-up takes minutes)")
     p.add_argument("--batches", default=None, help="comma list of batch sizes (default: 1,8)")
     p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: 50)")
     p.add_argument("--inner", type=int, default=None, help="inner steps (default: 10)")

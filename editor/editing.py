@@ -29,7 +29,13 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import prompts as P
-from .attention import SELF_REPLACE_MAX_FRACTION, LocalBlend, PromptToPrompt, attention_control, describe_layers
+from .attention import (
+    SELF_REPLACE_MAX_FRACTION,
+    LocalBlend,
+    PromptToPrompt,
+    attention_control,
+    describe_layers,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .inversion import Inversion
@@ -42,6 +48,10 @@ BLEND_START = 0.2
 #: Local blending reads cross-attention maps whose side is at least this fraction of the
 #: latent's side (bundled model, 16x16 latent: the 16x16 and 8x8 maps).
 BLEND_MIN_FRACTION = 0.5
+#: Noise-difference masks: estimated over this fraction of the first steps, threshold.
+NOISE_MASK_STEPS = 0.1
+NOISE_MASK_THRESHOLD = 0.4
+BLEND_MASKS = ("auto", "attention", "noise")
 
 Window = float | tuple[float, float]
 
@@ -158,6 +168,13 @@ def blend_weights(
     return w
 
 
+def words_or_auto(blend_words: Sequence[str] | str | None) -> bool:
+    """Whether ``blend_words`` turns local blending on."""
+    if blend_words is None or blend_words is False:
+        return False
+    return blend_words == "auto" or bool(_word_list(blend_words, "blend_words"))
+
+
 def _word_list(words: Sequence[str] | str | None, what: str) -> list[str]:
     if words is None:
         return []
@@ -229,6 +246,7 @@ def edit_many(
     blend_subtract: Sequence[str] | None = None,
     blend_threshold: float = BLEND_THRESHOLD,
     blend_start: float = BLEND_START,
+    blend_mask: str = "auto",
     reweight: Mapping[str, float] | None = None,
     mode: str = "auto",
     protect: Sequence[str] | str | None = None,
@@ -271,6 +289,10 @@ def edit_many(
     w = float(inv.guidance if guidance is None else guidance)
     if not w >= 1.0:
         raise ValueError(f"guidance must be >= 1, got {guidance}")
+    if blend_mask not in BLEND_MASKS:
+        raise ValueError(f"unknown blend_mask {blend_mask!r}; use one of {', '.join(BLEND_MASKS)}")
+    if not 0.0 <= float(blend_start) <= 1.0:
+        raise ValueError(f"blend_start must be in [0, 1], got {blend_start}")
     if not 0.0 <= float(blend_threshold) < 1.0:
         raise ValueError(f"blend_threshold must be in [0, 1), got {blend_threshold}")
     if not 0.0 <= float(self_max_fraction) <= 1.0:
@@ -300,11 +322,15 @@ def edit_many(
         if not any(per_row) and reweight:
             per_row = [list(reweight)] * (K + 1)
         resolved: Any = "auto"
+        mask_source = "noise" if blend_mask == "auto" else blend_mask
     else:
         words = _word_list(blend_words, "blend_words")
         _check_present(tok, [source, *targets], words, "blend_words")
         per_row = [words] * (K + 1)
         resolved = words
+        mask_source = "attention" if blend_mask == "auto" else blend_mask
+    if not words_or_auto(blend_words):
+        mask_source = None
     _check_present(tok, [source, *targets], subtract, "blend_subtract")
 
     # 3. text embeddings (targets optionally protected against leakage)
@@ -334,9 +360,14 @@ def edit_many(
     )
     blend = None
     add = blend_weights(tok, source, targets, per_row, L, "blend_words")
-    if add.any():
-        sub = blend_weights(tok, source, targets, [subtract] * (K + 1), L, "blend_subtract")
-        blend = LocalBlend(add, sizes, start=int(blend_start * steps), threshold=blend_threshold,
+    sub = blend_weights(tok, source, targets, [subtract] * (K + 1), L, "blend_subtract")
+    start = int(round(blend_start * steps))
+    if mask_source == "noise":
+        blend = LocalBlend(None, sizes, start=start, subtract=sub if subtract else None,
+                           source="noise", noise_until=max(1, int(round(NOISE_MASK_STEPS * steps))),
+                           noise_threshold=NOISE_MASK_THRESHOLD)
+    elif mask_source == "attention" and add.any():
+        blend = LocalBlend(add, sizes, start=start, threshold=blend_threshold,
                            subtract=sub if subtract else None)
 
     # 5. sampling: source row 0, targets 1..K, unconditional half first
@@ -350,6 +381,15 @@ def edit_many(
             ctx = torch.cat([null, emb]).to(unet.dtype)
             x_in = torch.cat([latents, latents]).to(unet.dtype)
             e_u, e_c = unet(x_in, t, encoder_hidden_states=ctx).sample.float().chunk(2)
+            if blend is not None and blend.wants_noise(i):
+                # DiffEdit-style: the target prompts on the source branch's latent
+                controller.active = False
+                try:
+                    e_tgt = unet(latents[:1].expand(K, -1, -1, -1).to(unet.dtype), t,
+                                 encoder_hidden_states=emb[1:].to(unet.dtype)).sample.float()
+                finally:
+                    controller.active = True
+                blend.observe(e_c[:1], e_tgt, i)
             latents = sched.step(e_u + w * (e_c - e_u), t, latents).prev_sample
             if offsets is not None:
                 latents[:1] = latents[:1] + offsets[i].reshape_as(latents[:1])
@@ -366,7 +406,8 @@ def edit_many(
     options = {
         "cross_replace": cross_replace, "self_replace": self_replace,
         "self_max_fraction": self_max_fraction, "blend_threshold": blend_threshold,
-        "blend_start": blend_start, "blend_sizes": [list(s) for s in sizes],
+        "blend_start": blend_start, "blend_mask": mask_source or "none",
+        "blend_sizes": [list(s) for s in sizes],
         "reweight": reweight, "protect": protect_list,
         "leakage": leakage if protect_list else "none", "guidance": w,
         "method": inv.method, "steps": steps, "batch": K + 1,

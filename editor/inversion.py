@@ -16,6 +16,7 @@ tensors and JSON metadata (no pickle).
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -347,7 +348,6 @@ def invert_batch(
     :class:`editor.fastpath.FastPath` for null-text's pivots and optimisation (static
     buffers, CUDA graphs / torch.compile, reduced-precision UNet; see that module).
     """
-    import time
 
     from .fastpath import resolve_fast
 
@@ -367,53 +367,65 @@ def invert_batch(
     sched = editor.scheduler()
     sched.set_timesteps(steps)
     timesteps = [int(t) for t in sched.timesteps]
-    for size, idx in groups.items():
-        t0 = time.perf_counter()
-        pixels = torch.cat([to_tensor(prepared[k][0]) for k in idx])
-        z0 = editor.encode_image(pixels).float()
-        cond = editor.encode_text([prompts[k] for k in idx]).float()
-        empty = editor.encode_text([""]).float()
-        hook = _progress_hook(callback, 2 * steps if method == "null-text" else steps)
-        runner = None if fast is None else fast.runner(
-            editor, z0, cond, guidance=guidance, early_stop=early_stop_epsilon is not None)
-        if runner is None:
-            pivots = ddim_pivots(editor, z0, cond, steps, hook, progress)
-        else:
-            pivots = runner.pivots(z0, cond, steps, hook=hook, progress=progress)
-        t_piv = time.perf_counter() - t0
-        offsets, stats = None, {}
-        if method == "null-text":
-            opts = dict(num_inner_steps=num_inner_steps, early_stop_epsilon=early_stop_epsilon,
-                        hook=hook, progress=progress, sync_every=sync_every)
-            if runner is None:
-                uncond, stats = null_text_optimization(editor, pivots, cond, empty,
-                                                       guidance=guidance, **opts)
-            else:
-                uncond, stats = runner.null_text(pivots, cond, empty, **opts)
-        elif method == "negative-prompt":
-            uncond = cond[None]  # 1 x B x L x D: the source prompt is the null prompt
-        else:
-            uncond = empty[None].expand(1, len(idx), -1, -1)
-            if method == "direct":
-                offsets = direct_offsets(editor, pivots, cond, empty, guidance)
-        seconds = time.perf_counter() - t0
-        for j, k in enumerate(idx):
-            st = {"seconds": seconds / len(idx), "pivot_seconds": t_piv / len(idx),
-                  "batch": len(idx)}
-            if fast is not None:
-                st["fast"] = fast.describe()
-            if stats:
-                st["inner_steps"] = stats["inner_steps"][j]
-                st["final_mse"] = stats["final_mse"][j]
-            results[k] = Inversion(
-                prompt=prompts[k], method=method, steps=steps, guidance=float(guidance),
-                z_T=pivots[-1][j : j + 1].cpu(), uncond=uncond[:, j].cpu(), timesteps=timesteps,
-                image_size=size, model_id=editor.model_id, model_fingerprint=editor.fingerprint,
-                image_hash=prepared[k][1],
-                offsets=None if offsets is None else offsets[:, j : j + 1].cpu(),
-                stats=st,
-            )
+    with editor.lock:
+        for size, idx in groups.items():
+            _invert_group(editor, prepared, prompts, idx, size, results, method=method,
+                          steps=steps, guidance=guidance, num_inner_steps=num_inner_steps,
+                          early_stop_epsilon=early_stop_epsilon, timesteps=timesteps,
+                          callback=callback, progress=progress, sync_every=sync_every,
+                          fast=fast)
     return results  # type: ignore[return-value]
+
+
+def _invert_group(editor: Editor, prepared, prompts, idx, size, results, *, method, steps,
+                  guidance, num_inner_steps, early_stop_epsilon, timesteps, callback, progress,
+                  sync_every, fast) -> None:
+    """Invert the images ``idx`` (all of one size) as one batch; fill ``results``."""
+    t0 = time.perf_counter()
+    pixels = torch.cat([to_tensor(prepared[k][0]) for k in idx])
+    z0 = editor.encode_image(pixels).float()
+    cond = editor.encode_text([prompts[k] for k in idx]).float()
+    empty = editor.encode_text([""]).float()
+    hook = _progress_hook(callback, 2 * steps if method == "null-text" else steps)
+    runner = None if fast is None else fast.runner(
+        editor, z0, cond, guidance=guidance, early_stop=early_stop_epsilon is not None)
+    if runner is None:
+        pivots = ddim_pivots(editor, z0, cond, steps, hook, progress)
+    else:
+        pivots = runner.pivots(z0, cond, steps, hook=hook, progress=progress)
+    t_piv = time.perf_counter() - t0
+    offsets, stats = None, {}
+    if method == "null-text":
+        opts = dict(num_inner_steps=num_inner_steps, early_stop_epsilon=early_stop_epsilon,
+                    hook=hook, progress=progress, sync_every=sync_every)
+        if runner is None:
+            uncond, stats = null_text_optimization(editor, pivots, cond, empty,
+                                                   guidance=guidance, **opts)
+        else:
+            uncond, stats = runner.null_text(pivots, cond, empty, **opts)
+    elif method == "negative-prompt":
+        uncond = cond[None]  # 1 x B x L x D: the source prompt is the null prompt
+    else:
+        uncond = empty[None].expand(1, len(idx), -1, -1)
+        if method == "direct":
+            offsets = direct_offsets(editor, pivots, cond, empty, guidance)
+    seconds = time.perf_counter() - t0
+    for j, k in enumerate(idx):
+        st = {"seconds": seconds / len(idx), "pivot_seconds": t_piv / len(idx),
+              "batch": len(idx)}
+        if fast is not None:
+            st["fast"] = fast.describe()
+        if stats:
+            st["inner_steps"] = stats["inner_steps"][j]
+            st["final_mse"] = stats["final_mse"][j]
+        results[k] = Inversion(
+            prompt=prompts[k], method=method, steps=steps, guidance=float(guidance),
+            z_T=pivots[-1][j : j + 1].cpu(), uncond=uncond[:, j].cpu(), timesteps=timesteps,
+            image_size=size, model_id=editor.model_id, model_fingerprint=editor.fingerprint,
+            image_hash=prepared[k][1],
+            offsets=None if offsets is None else offsets[:, j : j + 1].cpu(),
+            stats=st,
+        )
 
 
 def invert(editor: Editor, image: Image.Image | str | Path, prompt: str, **kwargs: Any) -> Inversion:
@@ -449,4 +461,5 @@ def sample(editor: Editor, inversion: Inversion, cond: torch.Tensor | None = Non
 def reconstruct(editor: Editor, inversion: Inversion, *, progress: bool = True) -> Image.Image:
     """Sample back with the inversion's own prompt; null-text reproduces the input up to
     the VAE's loss (Mokady et al. 2022, Sec. 3)."""
-    return editor.decode_latents(sample(editor, inversion, progress=progress))[0]
+    with editor.lock:
+        return editor.decode_latents(sample(editor, inversion, progress=progress))[0]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from dataclasses import dataclass, field
 from functools import cached_property
 from importlib import resources
@@ -42,9 +43,12 @@ def bundled_model_path() -> Path:
     without installing (``python -m editor`` from the repo root) it is ``assets/``.
     """
     try:
-        return Path(str(resources.files("editor.assets") / "shapes"))
-    except ModuleNotFoundError:
-        return Path(__file__).resolve().parents[1] / "assets" / "shapes"
+        path = Path(str(resources.files("editor.assets") / "shapes"))
+        if path.is_dir():
+            return path
+    except ModuleNotFoundError:  # not installed: PYTHONPATH=<checkout> (the GPU machine)
+        pass
+    return Path(__file__).resolve().parents[1] / "assets" / "shapes"
 
 
 def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -123,7 +127,9 @@ class Editor:
     pipe: StableDiffusionPipeline
     model_id: str
     notice: str | None = None
-    _cache: dict[str, Any] = field(default_factory=dict, repr=False)
+    #: Serialises use of the one UNet: an edit installs attention processors on it, so two
+    #: threads (two web-app users) must not interleave an edit with another run.
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
 
     # -- loading ------------------------------------------------------------------------------
 
@@ -283,10 +289,11 @@ class Editor:
             emb = protect_embeddings(self, prompt, emb, protect=protect, mode=leakage)
         neg = self.encode_text([self.check_prompt(negative_prompt, allow_empty=True)])
         gen = torch.Generator("cpu").manual_seed(int(seed))
-        out = self.pipe(
-            prompt_embeds=emb, negative_prompt_embeds=neg, num_inference_steps=steps,
-            guidance_scale=guidance, generator=gen, height=height or size, width=width or size,
-        )
+        with self.lock:
+            out = self.pipe(
+                prompt_embeds=emb, negative_prompt_embeds=neg, num_inference_steps=steps,
+                guidance_scale=guidance, generator=gen, height=height or size, width=width or size,
+            )
         return out.images[0]
 
     def invert(self, image: Image.Image | str | Path, prompt: str, **kwargs: Any) -> Inversion:

@@ -284,6 +284,16 @@ def test_cli_dry_run_and_exit_codes(images, tmp_path, capsys):
     assert err.startswith("pivot-edit: error: manifest") and "bad.jsonl:1" in err
 
 
+def test_cli_exit_status_1_when_an_item_fails(images, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("editor.cli.load_editor", lambda args: FakeEditor())
+    out = tmp_path / "o"
+    assert cli_main(["batch", str(_manifest(images)), "--out", str(out)]) == 1
+    io = capsys.readouterr()
+    assert "item missing failed" in io.err and "1/5 item(s) ok" in io.out
+    ok = _write(images / "ok.jsonl", json.dumps({"image": "a.png", "prompt": "p", "edits": ["t"]}))
+    assert cli_main(["batch", str(ok), "--out", str(tmp_path / "o2")]) == 0
+
+
 # -- the real engine -----------------------------------------------------------------------------
 
 

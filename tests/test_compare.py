@@ -215,6 +215,25 @@ def test_run_compare_rejects_bad_setups(tmp_path):
         C.run_compare(FakeEditor({}), cases, [], tmp_path)
 
 
+def test_cli_compare_manifest_with_custom_configs(tmp_path, capsys, monkeypatch):
+    cases = C.shapes_bench(1)
+    for c in cases[:2]:
+        c.image.save(tmp_path / f"{c.id}.png")
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(
+        {"id": c.id, "image": f"{c.id}.png", "prompt": c.prompt, "edits": [c.target]}) for c in cases[:2]))
+    monkeypatch.setattr("editor.cli.load_editor", lambda args: FakeEditor({}))
+    rc = cli_main(["compare", "--manifest", str(tmp_path / "m.jsonl"), "--out", str(tmp_path / "o"),
+                   "--config", "same:method=ddim,behaviour=source",
+                   "--config", "bad:method=direct,behaviour=refuse"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "| same |" in printed and "| bad (2 failed) |" in printed
+    rows = list(csv.DictReader((tmp_path / "o/metrics.csv").open()))
+    assert [(r["case"], r["config"]) for r in rows] == [
+        ("color-0-1", "same"), ("shape-0-1", "same"), ("color-0-1", "bad"), ("shape-0-1", "bad")]
+    assert rows[0]["recon_psnr"] == "inf" and rows[0]["bg_psnr"] == ""  # no mask, no background
+
+
 # -- the real engine -------------------------------------------------------------------------------
 
 

@@ -1,0 +1,49 @@
+"""``pivot-edit bench gpu``: the SD-1.5-shaped speed benchmark, run in its CPU smoke mode."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from editor.cli import main
+
+
+def test_bench_gpu_cpu_smoke(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "gpu", "--cpu-smoke", "--out", str(out)]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert json.loads(out.read_text()) == res
+    assert res["machine"]["device"] == "cpu" and res["model"] == "sd15-random-smoke"
+    assert res["steps"] == 2 and res["num_inner_steps"] == 2 and res["early_stop"] is False
+    r = res["results"]
+    assert set(r["eager-fp32"]) >= {"batch1", "warmup_seconds"} and "batch2" not in r["eager-fp32"]
+    for name in ("eager-bf16", "static-eager-bf16"):
+        assert r[name]["dtype"] == "bfloat16"
+        for b in (1, 2):
+            t = r[name][f"batch{b}"]
+            assert t["batch"] == b and t["seconds_per_image"] > 0 and not t["extrapolated"]
+            assert t["timed_timesteps"] == 2
+    assert "needs a CUDA device" in r["cuda-graph-bf16"]["skipped"]
+    for key in ("edit_fp32", "edit_bf16"):
+        assert res[key]["seconds"] > 0 and res[key]["steps"] == 2
+    assert res["checks"].startswith("smoke run")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
+def test_bench_gpu_refuses_cpu_without_smoke(capsys):
+    assert main(["bench", "gpu", "--no-edit"]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err
+    assert main(["bench", "gpu", "--cpu-smoke", "--variants", "warp-speed"]) == 2
+    assert "unknown variant" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bf16_unet_reconstruction_within_0_3_db(editor):
+    """Issue 7: the fast path's reconstruction within 0.3 dB of the fp32 path (bundled model)."""
+    from editor.bench import BENCH_SEEDS, bench_precision
+
+    res = bench_precision(editor, steps=20, seeds=BENCH_SEEDS[:2])
+    for name in ("fast-bf16", "bf16"):
+        assert res["runs"][name]["delta_db"] >= -0.3, res["runs"]

@@ -1,0 +1,244 @@
+"""Measure Prompt-to-Prompt edits on inverted generator scenes (prints JSON).
+
+    python tools/measure_edits.py --method null-text --steps 50 \
+        --cache /tmp/inversions --grid docs/images/p2p_grid.png > edits.json
+
+Scenes are one-object generator scenes (:func:`editor.scenes.sample`, seeds from
+``--seed``), inverted under their captions (inversions cached in ``--cache``).
+Per scene and configuration:
+
+- color swap (``red`` -> the next color): success = the checker reads the new color
+  on the largest object; mask IoU = IoU of the edited object's mask
+  (:func:`editor.scenes.object_mask`) with the source object's ground-truth mask;
+- shape swap (``circle`` -> the next shape): success = new shape read by the checker,
+  color kept, centroid within 4 px of the source's;
+- background PSNR over pixels more than 1 px away from every object (source object
+  and, for shape swaps, the ground-truth edited object), against the input image
+  (``bg_psnr``) and against the run's own reconstruction (``bg_psnr_rec``);
+- reweight: the color word scaled by each of ``--scales``; measure = mean HSV
+  saturation x object area fraction of the edited object ("color strength"),
+  monotonic if it never decreases as the scale grows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # pragma: no cover - script use
+    sys.path.insert(0, str(ROOT))
+
+from editor import scenes  # noqa: E402
+from editor.images import psnr  # noqa: E402
+
+NEXT_COLOR = {"red": "blue", "blue": "yellow", "yellow": "green", "green": "red"}
+NEXT_SHAPE = {"circle": "square", "square": "triangle", "triangle": "circle"}
+
+#: name -> edit() keyword arguments
+CONFIGS: dict[str, dict] = {
+    "defaults": {},
+    "p2p_plain": {"blend_words": None},
+    "p2p_word_blend": {"blend_words": "CHANGED", "blend_mask": "attention"},
+}
+
+
+def dilate(mask: np.ndarray, r: int = 1) -> np.ndarray:
+    out = mask.copy()
+    for dy in range(-r, r + 1):
+        for dx in range(-r, r + 1):
+            out |= np.roll(np.roll(mask, dy, 0), dx, 1)
+    return out
+
+
+def centroid(mask: np.ndarray) -> np.ndarray | None:
+    ys, xs = np.nonzero(mask)
+    return None if len(xs) == 0 else np.array([xs.mean(), ys.mean()])
+
+
+def largest(mask: np.ndarray) -> np.ndarray:
+    comps = scenes._components(mask)
+    return comps[0] if comps else np.zeros_like(mask)
+
+
+def color_strength(img: Image.Image) -> float:
+    """Mean saturation of the largest object times its area fraction."""
+    arr = np.asarray(img.convert("RGB"))
+    m = largest(scenes.object_mask(arr, sat_min=0.25))
+    if not m.any():
+        return 0.0
+    _, sat, _ = scenes._hsv(arr)
+    return float(sat[m].mean() * m.mean())
+
+
+def invert_cached(editor, samples, method: str, steps: int, cache: Path | None):
+    from editor.inversion import Inversion, invert_batch
+
+    out, todo = {}, []
+    for seed, s in samples:
+        f = cache / f"{method}_{steps}_{seed}.safetensors" if cache else None
+        if f is not None and f.is_file():
+            out[seed] = Inversion.load(f)
+        else:
+            todo.append((seed, s, f))
+    if todo:
+        invs = invert_batch(editor, [s.image for _, s, _ in todo], [s.caption for _, s, _ in todo],
+                            method=method, steps=steps, progress=False)
+        for (seed, _, f), inv in zip(todo, invs, strict=True):
+            out[seed] = inv
+            if f is not None:
+                f.parent.mkdir(parents=True, exist_ok=True)
+                inv.save(f)
+    return out
+
+
+def measure(editor, *, seeds: list[int], n_shape: int, method: str, steps: int, configs: list[str],
+            scales: list[float], n_reweight: int, cache: Path | None) -> dict:
+    samples = [(sd, scenes.sample(sd, n_objects=1)) for sd in seeds]
+    t0 = time.perf_counter()
+    invs = invert_cached(editor, samples, method, steps, cache)
+    t_inv = time.perf_counter() - t0
+    rows = []
+    grid_rows = []
+    for idx, (seed, s) in enumerate(samples):
+        obj = s.scene.objects[0]
+        inv = invs[seed]
+        src_mask = s.masks[0] > 0.5
+        jobs = [("color", s.caption.replace(obj.color, NEXT_COLOR[obj.color], 1),
+                 s.scene.with_object(0, color=NEXT_COLOR[obj.color]), obj.color, NEXT_COLOR[obj.color])]
+        if idx < n_shape:
+            jobs.append(("shape", s.caption.replace(obj.shape, NEXT_SHAPE[obj.shape], 1),
+                         s.scene.with_object(0, shape=NEXT_SHAPE[obj.shape]), obj.shape,
+                         NEXT_SHAPE[obj.shape]))
+        for cfg in configs:
+            kw = dict(CONFIGS[cfg])
+            targets = [j[1] for j in jobs]
+            if kw.get("blend_words") == "CHANGED":
+                kw["blend_words"] = sorted({w for j in jobs for w in (j[3], j[4])})
+            res = editor.edit_many(inv, targets, progress=False, **kw)
+            rec_psnr = psnr(res[0].source, s.image)
+            for (kind, target, want, old, new), r in zip(jobs, res, strict=True):
+                _, want_masks = want.render()
+                bg = ~dilate(src_mask | (want_masks[0] > 0.5), 1)
+                arr = np.asarray(r.image)
+                chk = scenes.check_image(r.image, want)
+                edited = largest(scenes.object_mask(arr))
+                iou = float((edited & src_mask).sum() / max((edited | src_mask).sum(), 1))
+                row = {
+                    "seed": seed, "config": cfg, "kind": kind, "source": s.caption, "target": target,
+                    "read_colors": chk.colors, "read_shapes": chk.shapes,
+                    "bg_psnr": round(psnr(r.image, s.image, mask=bg), 2),
+                    "bg_psnr_rec": round(psnr(r.image, r.source, mask=bg), 2),
+                    "rec_psnr": round(rec_psnr, 2), "mask_iou": round(iou, 3),
+                    "seconds": round(r.seconds, 2),
+                }
+                if kind == "color":
+                    row["success"] = chk.colors[0] == new
+                else:
+                    c0, c1 = centroid(src_mask), centroid(edited)
+                    moved = float(np.linalg.norm(c0 - c1)) if c1 is not None else 99.0
+                    row.update(success=chk.shapes[0] == new, color_kept=chk.colors[0] == obj.color,
+                               centroid_shift_px=round(moved, 2))
+                rows.append(row)
+            if cfg == configs[0] and len(grid_rows) < 6:
+                grid_rows.append([s.image, res[0].source] + [r.image for r in res])
+    reweight = []
+    for seed, s in samples[:n_reweight]:
+        obj = s.scene.objects[0]
+        res = [editor.edit(invs[seed], s.caption, reweight={obj.color: sc}, progress=False)
+               for sc in scales]
+        vals = [round(color_strength(r.image), 4) for r in res]
+        reweight.append({"seed": seed, "word": obj.color, "scales": scales, "color_strength": vals,
+                         "monotonic": all(b >= a - 1e-4 for a, b in zip(vals, vals[1:], strict=False))})
+    return {"rows": rows, "reweight": reweight, "grid": grid_rows, "inversion_seconds": t_inv}
+
+
+def summarize(rows: list[dict], reweight: list[dict]) -> dict:
+    out: dict = {}
+    for cfg in sorted({r["config"] for r in rows}):
+        for kind in ("color", "shape"):
+            sel = [r for r in rows if r["config"] == cfg and r["kind"] == kind]
+            if not sel:
+                continue
+            d = {
+                "n": len(sel),
+                "success": round(float(np.mean([r["success"] for r in sel])), 3),
+                "mask_iou_mean": round(float(np.mean([r["mask_iou"] for r in sel])), 3),
+                "mask_iou_ge_0.8": round(float(np.mean([r["mask_iou"] >= 0.8 for r in sel])), 3),
+                "bg_psnr_mean": round(float(np.mean([r["bg_psnr"] for r in sel])), 2),
+                "bg_psnr_min": round(float(np.min([r["bg_psnr"] for r in sel])), 2),
+                "bg_psnr_rec_mean": round(float(np.mean([r["bg_psnr_rec"] for r in sel])), 2),
+            }
+            if kind == "shape":
+                d["color_kept"] = round(float(np.mean([r["color_kept"] for r in sel])), 3)
+                d["centroid_shift_px_mean"] = round(float(np.mean([r["centroid_shift_px"] for r in sel])), 2)
+                d["success_with_color_and_position"] = round(float(np.mean(
+                    [r["success"] and r["color_kept"] and r["centroid_shift_px"] <= 4 for r in sel])), 3)
+            out[f"{cfg}/{kind}"] = d
+    if reweight:
+        out["reweight"] = {"n": len(reweight),
+                           "monotonic": round(float(np.mean([r["monotonic"] for r in reweight])), 3)}
+    recs = {(r["seed"]): r["rec_psnr"] for r in rows}
+    out["reconstruction_psnr_mean"] = round(float(np.mean(list(recs.values()))), 2)
+    return out
+
+
+def save_grid(grid: list[list[Image.Image]], path: Path, scale: int = 2) -> None:
+    """Rows: input, reconstruction, edits (NEAREST-upscaled)."""
+    if not grid:
+        return
+    w, h = grid[0][0].size
+    cols = max(len(r) for r in grid)
+    out = Image.new("RGB", (cols * w * scale, len(grid) * h * scale), (255, 255, 255))
+    for y, row in enumerate(grid):
+        for x, im in enumerate(row):
+            out.paste(im.resize((w * scale, h * scale), Image.Resampling.NEAREST), (x * w * scale, y * h * scale))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out.save(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--method", default="null-text")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--seed", type=int, default=100, help="first scene seed")
+    ap.add_argument("--n-color", type=int, default=12, help="scenes (each gets a color swap)")
+    ap.add_argument("--n-shape", type=int, default=8, help="of those, how many get a shape swap")
+    ap.add_argument("--n-reweight", type=int, default=4)
+    ap.add_argument("--scales", type=float, nargs="+", default=[0.0, 1.0, 2.0, 4.0])
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--cache", type=Path, default=None, help="folder for cached inversions")
+    ap.add_argument("--grid", type=Path, default=None, help="write a picture grid PNG here")
+    ap.add_argument("--rows", action="store_true", help="include per-edit rows in the JSON")
+    args = ap.parse_args(argv)
+
+    from editor.cli import quiet_libraries
+    from editor.model import Editor
+
+    quiet_libraries()
+    editor = Editor.from_pretrained("shapes", device="cpu")
+    t0 = time.perf_counter()
+    seeds = list(range(args.seed, args.seed + args.n_color))
+    res = measure(editor, seeds=seeds, n_shape=args.n_shape, method=args.method, steps=args.steps,
+                  configs=args.configs, scales=args.scales, n_reweight=args.n_reweight,
+                  cache=args.cache)
+    if args.grid:
+        save_grid(res["grid"], args.grid)
+    out = {"method": args.method, "steps": args.steps, "seeds": seeds,
+           "summary": summarize(res["rows"], res["reweight"]), "reweight": res["reweight"],
+           "inversion_seconds": round(res["inversion_seconds"], 1),
+           "seconds": round(time.perf_counter() - t0, 1)}
+    if args.rows:
+        out["rows"] = res["rows"]
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
