@@ -379,6 +379,9 @@ class LocalBlend:
             m = F.avg_pool2d(self.noise, 3, stride=1, padding=1, count_include_pad=False)
             m = F.interpolate(m, size=tuple(latent_hw), mode="bilinear", align_corners=False)
             m = self._threshold(m, self.noise_threshold)
+            # a target whose prompt equals the source's (e.g. reweight only) has no
+            # difference map: leave it unblended rather than erase its edit
+            m[self.noise.amax(dim=(1, 2, 3)) == 0] = True
             m[0] = False  # the source row keeps itself
         else:
             if maps is None:
@@ -401,6 +404,32 @@ class LocalBlend:
         m = F.interpolate(m, size=tuple(hw), mode="nearest")
         m = self._threshold(m, self.threshold)
         return m[:1] | m
+
+    def pixel_mask(self, size: tuple[int, int]) -> torch.Tensor | None:
+        """Mask at image size (``rows x h x w`` in [0, 1]) for compositing decoded images.
+
+        Noise masks: the normalised difference map resized bilinearly, then thresholded
+        (a sharper outline than the latent grid); attention masks: the last latent mask
+        resized bilinearly.
+        """
+        if self.last_mask is None:
+            return None
+        if self.source == "noise" and self.noise is not None:
+            m = F.avg_pool2d(self.noise, 3, stride=1, padding=1, count_include_pad=False)
+            mx = m.amax(dim=(2, 3), keepdim=True)
+            m = torch.where(mx > 0, m / mx.clamp_min(1e-12), torch.zeros_like(m))
+            m = F.interpolate(m, size=tuple(size), mode="bilinear", align_corners=False)
+            m = (m > self.noise_threshold).float()
+            m[self.noise.amax(dim=(1, 2, 3)) == 0] = 1.0
+            if self.subtract is not None:  # keep the subtracted region out, as in the latent mask
+                keep = F.interpolate(self.last_mask.float(), size=tuple(size), mode="bilinear",
+                                     align_corners=False)
+                m = torch.minimum(m, (keep > 0).float())
+        else:
+            m = F.interpolate(self.last_mask.float(), size=tuple(size), mode="bilinear",
+                              align_corners=False)
+        m[0] = 0.0
+        return m[:, 0].clamp(0, 1)
 
     def __call__(self, latents: torch.Tensor, store: AttentionStore, step: int) -> torch.Tensor:
         if step < self.start:

@@ -109,7 +109,8 @@ def reference_null_text(editor: Editor, image, prompt: str, *, steps: int = 50,
 
 
 def bench_inversion(editor: Editor, *, steps: int = 50, guidance: float = 7.5,
-                    seeds: tuple[int, ...] = BENCH_SEEDS, reference: bool = True) -> dict[str, Any]:
+                    seeds: tuple[int, ...] = BENCH_SEEDS, reference: bool = True,
+                    methods: tuple[str, ...] = METHODS) -> dict[str, Any]:
     """Reconstruction PSNR and seconds per method on fixed scenes, plus reference timing."""
     out: dict[str, Any] = {"model": editor.model_id, "steps": steps, "guidance": guidance,
                            "scenes": len(seeds), "machine": machine(), "methods": {}}
@@ -117,7 +118,7 @@ def bench_inversion(editor: Editor, *, steps: int = 50, guidance: float = 7.5,
     ceil = [psnr(editor.decode_latents(editor.encode_image(to_tensor(sc.image)))[0], sc.image)
             for sc in items]
     out["vae_ceiling_psnr"] = sum(ceil) / len(ceil)
-    for method in METHODS:
+    for method in methods:
         vals, secs = [], []
         for sc in items:
             t0 = time.perf_counter()

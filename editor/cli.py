@@ -273,13 +273,75 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_reweight(items: Sequence[str] | None) -> dict[str, float]:
+    """``["fluffy=2", "red=0.5"]`` -> ``{"fluffy": 2.0, "red": 0.5}``."""
+    out: dict[str, float] = {}
+    for item in items or []:
+        word, sep, value = item.rpartition("=")
+        if not sep or not word.strip():
+            raise ValueError(f"--reweight expects WORD=SCALE, got {item!r}")
+        try:
+            out[word.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"--reweight {item!r}: {value!r} is not a number") from None
+    return out
+
+
+def edit_outputs(output: str, n: int) -> list[Path]:
+    """Where ``pivot-edit edit`` writes: ``-o OUT.png`` for one target; for several,
+    ``OUT-1.png, OUT-2.png, ...``, or ``edit-1.png, ...`` inside ``-o`` when it is a folder."""
+    out = Path(output)
+    if out.is_dir() or output.endswith(("/", "\\")):
+        if not out.is_dir():
+            raise ValueError(f"output folder {output!r} does not exist")
+        return [out / (f"edit-{k}.png" if n > 1 else "edit.png") for k in range(1, n + 1)]
+    if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+        raise ValueError(f"output {output!r} must end in .png, .jpg, .jpeg or .webp (or be a folder)")
+    if not out.parent.is_dir():
+        raise ValueError(f"output folder {str(out.parent)!r} does not exist")
+    if n == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}-{k}{out.suffix}") for k in range(1, n + 1)]
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    """Prompt-to-Prompt edit of an inversion file; several --target run as one batch."""
+    from .inversion import Inversion
+
+    inv = Inversion.load(args.inversion)
+    targets = list(args.target)
+    outs = edit_outputs(args.output, len(targets))  # fail before loading the model
+    reweight = parse_reweight(args.reweight)
+    if args.model == "inversion":
+        args.model = inv.model_id
+    editor = load_editor(args)
+    kw = dict(cross_replace=args.cross_replace, self_replace=args.self_replace, mode=args.mode,
+              reweight=reweight or None, protect=args.protect or None, guidance=args.guidance)
+    if args.no_blend:
+        kw["blend_words"] = None
+    elif args.blend:
+        kw["blend_words"] = args.blend
+    if args.blend_subtract:
+        kw["blend_subtract"] = args.blend_subtract
+    if args.leakage is not None:
+        kw["leakage"] = args.leakage
+    results = editor.edit_many(inv, targets, **kw)
+    for res, out in zip(results, outs, strict=True):
+        _save_image(res.image, out)
+        print(f"{out}  ({res.options['mode']}: {res.target!r})")
+    if args.source:
+        print(_save_image(results[0].source, Path(args.source)))
+    return 0
+
+
 def cmd_bench_inversion(args: argparse.Namespace) -> int:
     """Reconstruction PSNR and seconds per inversion method, plus the published loop's time."""
     from .bench import bench_inversion
 
     editor = load_editor(args)
+    methods = tuple(m for m in args.methods.split(",") if m)
     print(json.dumps(bench_inversion(editor, steps=args.steps, guidance=args.guidance,
-                                     reference=not args.no_reference), indent=1))
+                                     reference=not args.no_reference, methods=methods), indent=1))
     return 0
 
 
@@ -360,6 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default: 50)")
     p.add_argument("--guidance", type=float, default=7.5, help="guidance (default: 7.5)")
     p.add_argument("--no-reference", action="store_true", help="skip the published loop")
+    p.add_argument("--methods", default="null-text,negative-prompt,direct,ddim",
+                   help="comma-separated methods to measure ('' for none: reference timing only)")
     p.set_defaults(func=cmd_bench_inversion)
 
     p = bench_sub.add_parser(
@@ -412,6 +476,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="OUT.png")
     add_model_args(p)
     p.set_defaults(func=cmd_reconstruct)
+
+    p = sub.add_parser(
+        "edit", help="edit an inversion by rewriting its prompt (Prompt-to-Prompt)",
+        description="Prompt-to-Prompt edit of INVERSION_FILE. Several --target run in one "
+                    "batch and write OUT-1.png, OUT-2.png, ... (or edit-1.png, ... inside a "
+                    "folder given as -o). Default: automatic local blending on the region "
+                    "the prompt change affects.")
+    p.add_argument("inversion", metavar="INVERSION_FILE")
+    p.add_argument("--target", action="append", required=True,
+                   help="the edited prompt (repeat for several edits of the same image)")
+    p.add_argument("--cross-replace", type=float, default=0.8,
+                   help="fraction of steps with injected cross-attention (default: 0.8)")
+    p.add_argument("--self-replace", type=float, default=0.4,
+                   help="fraction of steps with injected self-attention (default: 0.4)")
+    p.add_argument("--blend", nargs="+", metavar="WORD",
+                   help="local blending on these words' cross-attention regions (P2P) "
+                        "instead of the automatic mask")
+    p.add_argument("--blend-subtract", nargs="+", metavar="WORD",
+                   help="words whose region is kept out of the blend mask")
+    p.add_argument("--no-blend", action="store_true", help="no local blending (plain P2P)")
+    p.add_argument("--reweight", nargs="+", metavar="WORD=SCALE",
+                   help="scale words' attention and share of the text encoding, e.g. red=1.5")
+    p.add_argument("--mode", default="auto", choices=["auto", "replace", "refine"],
+                   help="replace: word swap (same word count); refine: words added or "
+                        "removed; auto: by word count (default)")
+    p.add_argument("--protect", nargs="+", metavar="PHRASE",
+                   help="phrases of the target whose appearance must not change")
+    p.add_argument("--leakage", default=None, choices=["none", "project", "replace", "both"],
+                   help="leakage control for --protect (default: replace)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="guidance scale (default: the inversion's)")
+    p.add_argument("--source", metavar="SRC.png", help="also write the reconstruction")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.png",
+                   help="image to write (several targets: OUT-1.png, ...; or a folder)")
+    add_model_args(p, default="inversion")
+    p.set_defaults(func=cmd_edit)
 
     p = sub.add_parser(
         "batch", help="edit many images from a manifest (JSON Lines, YAML or CSV)",

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -49,8 +50,8 @@ BLEND_START = 0.2
 #: latent's side (bundled model, 16x16 latent: the 16x16 and 8x8 maps).
 BLEND_MIN_FRACTION = 0.5
 #: Noise-difference masks: estimated over this fraction of the first steps, threshold.
-NOISE_MASK_STEPS = 0.1
-NOISE_MASK_THRESHOLD = 0.4
+NOISE_MASK_STEPS = 0.2
+NOISE_MASK_THRESHOLD = 0.5
 BLEND_MASKS = ("auto", "attention", "noise")
 
 Window = float | tuple[float, float]
@@ -214,6 +215,64 @@ def blend_sizes(layers, latent_hw: tuple[int, int], min_fraction: float = BLEND_
     return keep or sizes[:1]
 
 
+def without_word(prompt: str, word: str) -> str:
+    """``prompt`` with every occurrence of ``word`` (a word or phrase, any case) removed."""
+    spans = P.split_words(prompt)
+    query = P.words(word)
+    n = len(query)
+    cut: list[tuple[int, int]] = []
+    for k in range(len(spans) - n + 1):
+        if [w_ for w_, _, _ in spans[k : k + n]] == query:
+            cut.append((spans[k][1], spans[k + n - 1][2]))
+    out, pos = [], 0
+    for a, b in cut:
+        out.append(prompt[pos:a])
+        pos = b
+    out.append(prompt[pos:])
+    return " ".join("".join(out).split())
+
+
+@torch.no_grad()
+def reweight_embedding(editor: Editor, prompt: str, emb: torch.Tensor,
+                       reweight: Mapping[str, float]) -> torch.Tensor:
+    """Scale words' contribution to the whole text encoding (``L x D``), rows aligned by tokens.
+
+    ``X_s = X_without + s (X - X_without)``, ``X_without`` = the prompt encoded without
+    the word, its rows aligned to ``prompt``'s by :func:`editor.prompts.refine_mapper`
+    (the word's own rows keep ``X``, their attention is scaled by the P2P equalizer).
+    A causal text encoder writes every word into all later rows, end and padding rows
+    included; on the bundled model those carry most of the attention, so attention
+    column scaling alone hardly changes the image (README, "Prompt edits").
+    """
+    tok = editor.pipe.tokenizer
+    out = emb.float().clone()
+    for word, scale in reweight.items():
+        rest = without_word(prompt, word)
+        x_wo = editor.encode_text([rest])[0].float().to(out.device)
+        index, alpha = P.refine_mapper(tok, rest, prompt, out.shape[0])
+        base = x_wo[index.to(out.device)]
+        keep = (alpha > 0).to(out.device)[:, None]
+        out = torch.where(keep, base + float(scale) * (out - base), out)
+    return out.to(emb.dtype)
+
+
+def composite(source: Image.Image, edited: Image.Image, mask: torch.Tensor) -> Image.Image:
+    """``source * (1 - M) + edited * M`` (``M`` resized bilinearly to the image if needed).
+
+    Latent blending alone does not keep the background when the VAE decoder mixes
+    information across the whole image (attention / group norm in its mid block, as in
+    the bundled model): the edited region's latents then re-colour the background.
+    """
+    w, h = source.size
+    m = mask.float()
+    if tuple(m.shape) != (h, w):
+        m = F.interpolate(m[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+    m = m.clamp(0, 1).cpu().numpy()[..., None]
+    a = np.asarray(source, dtype=np.float32)
+    b = np.asarray(edited, dtype=np.float32)
+    return Image.fromarray(np.clip(np.round(a * (1 - m) + b * m), 0, 255).astype(np.uint8))
+
+
 def _word_maps(maps: torch.Tensor | None, tok, prompt: str) -> dict[str, np.ndarray]:
     """``L x h x w`` token maps -> word -> normalised ``h x w`` array."""
     out: dict[str, np.ndarray] = {}
@@ -247,8 +306,10 @@ def edit_many(
     blend_threshold: float = BLEND_THRESHOLD,
     blend_start: float = BLEND_START,
     blend_mask: str = "auto",
+    pixel_blend: bool = True,
     reweight: Mapping[str, float] | None = None,
     mode: str = "auto",
+    reweight_text: bool = True,
     protect: Sequence[str] | str | None = None,
     leakage: str = DEFAULT_LEAKAGE,
     guidance: float | None = None,
@@ -269,7 +330,8 @@ def edit_many(
       and in each target), or ``None`` / ``[]`` for no local blending.
       ``blend_subtract``: words whose region is excluded from the mask.
     - ``reweight``: ``{word: scale}`` on the target's attention columns (composes with
-      replace/refine) while cross-attention is injected.
+      replace/refine) while cross-attention is injected; with ``reweight_text`` (default)
+      also on the word's share of the whole text encoding (:func:`reweight_embedding`).
     - ``protect`` + ``leakage``: leakage control of :func:`editor.embeddings.protect_embeddings`
       applied to the target rows' text encoding (``leakage="none"`` turns it off).
     - ``guidance``: defaults to the inversion's.
@@ -347,6 +409,12 @@ def edit_many(
                     editor, tgt, emb[k : k + 1], protect=here, mode=leakage, source_prompt=source
                 ).float()
 
+    if reweight and reweight_text:
+        for k, tgt in enumerate(targets, start=1):
+            here = {w_: v for w_, v in reweight.items() if _has(tok, tgt, w_)}
+            if here:
+                emb[k] = reweight_embedding(editor, tgt, emb[k], here)
+
     # 4. controller and blend
     z = inv.z_T.to(editor.device).float()
     latent_hw = (int(z.shape[-2]), int(z.shape[-1]))
@@ -400,13 +468,19 @@ def edit_many(
 
     # 6. decode, maps, results
     images = editor.decode_latents(latents)
+    pix = None
+    if blend is not None and pixel_blend:
+        pix = blend.pixel_mask((images[0].size[1], images[0].size[0]))
+    if pix is not None:
+        images = [images[0]] + [composite(images[0], im, pix[k])
+                                for k, im in enumerate(images[1:], start=1)]
     maps = controller.store.average(sizes)
     seconds = time.perf_counter() - t0
     src_maps = _word_maps(None if maps is None else maps[0], tok, source)
     options = {
         "cross_replace": cross_replace, "self_replace": self_replace,
         "self_max_fraction": self_max_fraction, "blend_threshold": blend_threshold,
-        "blend_start": blend_start, "blend_mask": mask_source or "none",
+        "blend_start": blend_start, "blend_mask": mask_source or "none", "pixel_blend": pixel_blend,
         "blend_sizes": [list(s) for s in sizes],
         "reweight": reweight, "protect": protect_list,
         "leakage": leakage if protect_list else "none", "guidance": w,

@@ -9,6 +9,7 @@ import sys
 import pytest
 from PIL import Image
 
+from editor import model as model_mod
 from editor.cli import build_parser, main
 
 
@@ -30,12 +31,17 @@ def test_every_subcommand_has_help(argv, capsys):
     assert "usage: pivot-edit" in capsys.readouterr().out
 
 
-def test_generate_writes_an_image_of_native_size(tmp_path, capsys):
+def test_generate_writes_an_image_of_native_size(tmp_path, capsys, monkeypatch):
+    """--model auto with no SD 1.5 cached and no hub: the bundled model, with a notice."""
+    monkeypatch.setattr(model_mod, "_hub_cached", lambda repo: False)
+    monkeypatch.setattr(model_mod, "_hub_reachable", lambda timeout=3.0: False)
     out = tmp_path / "red.png"
     rc = main(["generate", "a red circle on a white background", "-o", str(out),
-               "--model", "shapes", "--device", "cpu", "--steps", "4", "--seed", "3"])
+               "--model", "auto", "--device", "cpu", "--steps", "4", "--seed", "3"])
     assert rc == 0
-    assert capsys.readouterr().out.strip() == str(out)
+    captured = capsys.readouterr()
+    assert captured.out.strip() == str(out)
+    assert captured.err.startswith("notice:") and "bundled" in captured.err
     img = Image.open(out)
     assert img.size == (64, 64) and img.mode == "RGB"
     assert [p.name for p in tmp_path.iterdir()] == ["red.png"]  # no temporary left behind

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import shutil
+import sysconfig
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +57,11 @@ def test_bundled_model_files_exist():
 def test_installed_distribution_ships_the_model():
     """A regular ``pip install .`` lists the model under editor/assets/shapes and the files are
     there; an editable install maps ``editor.assets`` onto the source ``assets/`` folder."""
-    dist = importlib.metadata.distribution("pivot-edit")
+    # look in site-packages only: a build leaves pivot_edit.egg-info in the checkout too
+    paths = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    dists = list(importlib.metadata.distributions(name="pivot-edit", path=paths))
+    assert len(dists) == 1, f"pivot-edit installed {len(dists)} times in {paths}"
+    dist = dists[0]
     record = {str(f).replace("\\", "/"): f for f in dist.files or []}
     if "editor/assets/shapes/model_index.json" in record:  # regular install
         for name in MODEL_FILES:

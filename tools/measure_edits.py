@@ -15,9 +15,10 @@ Per scene and configuration:
 - background PSNR over pixels more than 1 px away from every object (source object
   and, for shape swaps, the ground-truth edited object), against the input image
   (``bg_psnr``) and against the run's own reconstruction (``bg_psnr_rec``);
-- reweight: the color word scaled by each of ``--scales``; measure = mean HSV
-  saturation x object area fraction of the edited object ("color strength"),
-  monotonic if it never decreases as the scale grows.
+- reweight: the color word scaled by each of ``--scales`` (target = source prompt);
+  measure = "named-color amount": the image mean of HSV saturation x
+  ``max(0, cos(hue - hue of the word's color))**4``; monotonic if it never decreases
+  as the scale grows.
 """
 
 from __future__ import annotations
@@ -44,8 +45,10 @@ NEXT_SHAPE = {"circle": "square", "square": "triangle", "triangle": "circle"}
 #: name -> edit() keyword arguments
 CONFIGS: dict[str, dict] = {
     "defaults": {},
+    "recolor": {"self_replace": 1.0},
     "p2p_plain": {"blend_words": None},
     "p2p_word_blend": {"blend_words": "CHANGED", "blend_mask": "attention"},
+    "noise_blend_latent_only": {"pixel_blend": False},
 }
 
 
@@ -67,14 +70,12 @@ def largest(mask: np.ndarray) -> np.ndarray:
     return comps[0] if comps else np.zeros_like(mask)
 
 
-def color_strength(img: Image.Image) -> float:
-    """Mean saturation of the largest object times its area fraction."""
+def named_color_amount(img: Image.Image, color: str) -> float:
+    """Image mean of saturation x max(0, cos(hue - the color's hue))**4."""
     arr = np.asarray(img.convert("RGB"))
-    m = largest(scenes.object_mask(arr, sat_min=0.25))
-    if not m.any():
-        return 0.0
-    _, sat, _ = scenes._hsv(arr)
-    return float(sat[m].mean() * m.mean())
+    hue, sat, _ = scenes._hsv(arr)
+    match = np.clip(np.cos(np.deg2rad(hue - scenes.HUES[color])), 0, None) ** 4
+    return float((sat * match).mean())
 
 
 def invert_cached(editor, samples, method: str, steps: int, cache: Path | None):
@@ -123,7 +124,7 @@ def measure(editor, *, seeds: list[int], n_shape: int, method: str, steps: int, 
                 kw["blend_words"] = sorted({w for j in jobs for w in (j[3], j[4])})
             res = editor.edit_many(inv, targets, progress=False, **kw)
             rec_psnr = psnr(res[0].source, s.image)
-            for (kind, target, want, old, new), r in zip(jobs, res, strict=True):
+            for (kind, target, want, _old, new), r in zip(jobs, res, strict=True):
                 _, want_masks = want.render()
                 bg = ~dilate(src_mask | (want_masks[0] > 0.5), 1)
                 arr = np.asarray(r.image)
@@ -153,8 +154,8 @@ def measure(editor, *, seeds: list[int], n_shape: int, method: str, steps: int, 
         obj = s.scene.objects[0]
         res = [editor.edit(invs[seed], s.caption, reweight={obj.color: sc}, progress=False)
                for sc in scales]
-        vals = [round(color_strength(r.image), 4) for r in res]
-        reweight.append({"seed": seed, "word": obj.color, "scales": scales, "color_strength": vals,
+        vals = [round(named_color_amount(r.image, obj.color), 4) for r in res]
+        reweight.append({"seed": seed, "word": obj.color, "scales": scales, "named_color_amount": vals,
                          "monotonic": all(b >= a - 1e-4 for a, b in zip(vals, vals[1:], strict=False))})
     return {"rows": rows, "reweight": reweight, "grid": grid_rows, "inversion_seconds": t_inv}
 
@@ -211,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-color", type=int, default=12, help="scenes (each gets a color swap)")
     ap.add_argument("--n-shape", type=int, default=8, help="of those, how many get a shape swap")
     ap.add_argument("--n-reweight", type=int, default=4)
-    ap.add_argument("--scales", type=float, nargs="+", default=[0.0, 1.0, 2.0, 4.0])
+    ap.add_argument("--scales", type=float, nargs="+", default=[0.0, 0.5, 1.0, 1.5, 2.0])
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--cache", type=Path, default=None, help="folder for cached inversions")
     ap.add_argument("--grid", type=Path, default=None, help="write a picture grid PNG here")

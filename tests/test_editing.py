@@ -1,0 +1,218 @@
+"""Prompt-to-Prompt edits of inverted generator scenes on the bundled model.
+
+Two scenes are inverted once (null-text, the product default, at 20 steps to keep the
+default run short); the claims below were checked to hold at 20 steps on these
+scenes. The full table (12 color swaps, 8 shape swaps, 50 steps) is made by
+``tools/measure_edits.py`` (README, "Prompt edits"); ``test_full_measurement`` runs
+it with ``-m slow``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from editor import scenes
+from editor.editing import EditCancelled, EditResult, reweight_embedding, without_word
+from editor.images import psnr
+from editor.inversion import invert_batch, reconstruct
+
+STEPS = 20
+SEEDS = (102, 107)  # a green circle on gray, a red square on white
+NEXT_COLOR = {"red": "blue", "blue": "yellow", "yellow": "green", "green": "red"}
+NEXT_SHAPE = {"circle": "square", "square": "triangle", "triangle": "circle"}
+
+
+@pytest.fixture(scope="module")
+def inverted(editor):
+    samples = [scenes.sample(s, n_objects=1) for s in SEEDS]
+    invs = invert_batch(editor, [s.image for s in samples], [s.caption for s in samples],
+                        method="null-text", steps=STEPS, num_inner_steps=5, progress=False)
+    return list(zip(samples, invs, strict=True))
+
+
+def _background(s: scenes.SampledScene, *others: np.ndarray) -> np.ndarray:
+    m = s.masks[0] > 0.5
+    for o in others:
+        m = m | o
+    grown = m.copy()
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            grown |= np.roll(np.roll(m, dy, 0), dx, 1)
+    return ~grown
+
+
+def _largest_object(img) -> np.ndarray:
+    comps = scenes._components(scenes.object_mask(np.asarray(img)))
+    return comps[0] if comps else np.zeros((img.size[1], img.size[0]), bool)
+
+
+@pytest.fixture(scope="module")
+def swaps(editor, inverted):
+    """Color and shape swap of each scene, one batch per scene (defaults)."""
+    out = []
+    for s, inv in inverted:
+        o = s.scene.objects[0]
+        targets = [s.caption.replace(o.color, NEXT_COLOR[o.color]),
+                   s.caption.replace(o.shape, NEXT_SHAPE[o.shape])]
+        out.append((s, inv, editor.edit_many(inv, targets, progress=False)))
+    return out
+
+
+def test_color_swap_defaults_keep_object_and_background(swaps):
+    for s, _, (color, _) in swaps:
+        o = s.scene.objects[0]
+        want = s.scene.with_object(0, color=NEXT_COLOR[o.color])
+        chk = scenes.check_image(color.image, want)
+        assert chk.colors[0] == NEXT_COLOR[o.color], (s.caption, chk)
+        obj = _largest_object(color.image)
+        src = s.masks[0] > 0.5
+        iou = (obj & src).sum() / (obj | src).sum()
+        assert iou >= 0.8, (s.caption, iou)
+        bg = psnr(color.image, s.image, mask=_background(s))
+        assert bg >= 28.0, (s.caption, bg)
+        assert color.options["blend_mask"] == "noise" and color.mask is not None
+
+
+def test_shape_swap_keeps_color_and_position(swaps):
+    for s, _, (_, shape) in swaps:
+        o = s.scene.objects[0]
+        want = s.scene.with_object(0, shape=NEXT_SHAPE[o.shape])
+        chk = scenes.check_image(shape.image, want)
+        assert chk.shapes[0] == NEXT_SHAPE[o.shape], (s.caption, chk)
+        assert chk.colors[0] == o.color
+        ys, xs = np.nonzero(_largest_object(shape.image))
+        assert np.hypot(xs.mean() - o.center[0], ys.mean() - o.center[1]) <= 4.0
+        _, wm = want.render()
+        assert psnr(shape.image, s.image, mask=_background(s, wm[0] > 0.5)) >= 25.0
+
+
+def test_result_fields_and_source_is_reconstruction(editor, swaps):
+    s, inv, (color, shape) = swaps[0]
+    assert isinstance(color, EditResult) and color.source is shape.source
+    assert psnr(color.source, reconstruct(editor, inv, progress=False)) >= 40.0
+    assert psnr(color.source, s.image) >= 28.0
+    assert set(color.attention_maps) == set(color.target.split())
+    for m in color.attention_maps.values():
+        assert m.dtype == np.float32 and 0.0 <= m.min() and m.max() <= 1.0
+    assert color.options["mode"] == "replace" and color.options["changed"][1] == [NEXT_COLOR["green"]]
+    assert color.seconds > 0 and color.mask.shape == tuple(inv.z_T.shape[-2:])
+
+
+def test_reweight_is_monotonic_in_named_color_amount(editor, inverted):
+    s, inv = inverted[0]
+    color = s.scene.objects[0].color
+    res = editor.edit_many(inv, [s.caption], reweight={color: 0.0}, progress=False)
+    res += editor.edit_many(inv, [s.caption], reweight={color: 1.0}, progress=False)
+    res += editor.edit_many(inv, [s.caption], reweight={color: 2.0}, progress=False)
+    hue = scenes.HUES[color]
+
+    def amount(img):
+        h, sat, _ = scenes._hsv(np.asarray(img))
+        return float((sat * np.clip(np.cos(np.deg2rad(h - hue)), 0, None) ** 4).mean())
+
+    vals = [amount(r.image) for r in res]
+    assert vals[0] < vals[1] <= vals[2] + 1e-3, vals
+    assert vals[2] - vals[0] > 0.02
+
+
+def test_reweight_embedding_identity_at_one(editor):
+    p = "a red circle on a white background"
+    emb = editor.encode_text([p])[0]
+    assert torch.allclose(reweight_embedding(editor, p, emb, {"red": 1.0}), emb, atol=1e-6)
+    assert not torch.allclose(reweight_embedding(editor, p, emb, {"red": 2.0}), emb)
+    assert without_word("a Red circle, on a red background", "red") == "a circle, on a background"
+
+
+def test_refine_edit_and_batch_rows_are_independent(editor, inverted):
+    s, inv = inverted[1]
+    refine = s.caption.replace("a ", "a big ", 1)
+    swap = s.caption.replace("red", "blue")
+    both = editor.edit_many(inv, [refine, swap], progress=False)
+    alone = editor.edit(inv, swap, progress=False)
+    assert both[0].options["mode"] == "refine" and both[1].options["mode"] == "replace"
+    assert psnr(both[1].image, alone.image) >= 35.0
+
+
+def test_clear_errors(editor, inverted):
+    s, inv = inverted[0]
+    with pytest.raises(ValueError, match="'fluffy' is not in the prompt"):
+        editor.edit(inv, s.caption, reweight={"fluffy": 2.0}, progress=False)
+    with pytest.raises(ValueError, match="blend_words word 'dog' is not in the prompt"):
+        editor.edit(inv, s.caption, blend_words=["dog"], progress=False)
+    with pytest.raises(ValueError, match="refine"):
+        editor.edit(inv, "a big " + s.caption[2:], mode="replace", progress=False)
+    with pytest.raises(ValueError, match="too long"):
+        editor.edit(inv, " ".join(["red"] * 100), progress=False)
+    with pytest.raises(ValueError, match="unknown mode"):
+        editor.edit(inv, s.caption, mode="swap", progress=False)
+    with pytest.raises(ValueError, match="cross_replace"):
+        editor.edit(inv, s.caption, cross_replace=1.5, progress=False)
+    with pytest.raises(ValueError, match="at least one target"):
+        editor.edit_many(inv, [], progress=False)
+
+
+def test_callback_cancels(editor, inverted):
+    _, inv = inverted[0]
+    seen = []
+
+    def cb(i, n):
+        seen.append((i, n))
+        return i < 3
+
+    with pytest.raises(EditCancelled):
+        editor.edit(inv, inv.prompt, callback=cb, progress=False)
+    assert seen == [(1, STEPS), (2, STEPS), (3, STEPS)]
+
+
+def test_protect_hook_reaches_the_leakage_control(editor, inverted, monkeypatch):
+    from editor import embeddings
+
+    s, inv = inverted[0]
+    target = s.caption.replace("green", "red")
+    calls = []
+    real = embeddings.protect_embeddings
+
+    def spy(ed, prompt, emb, **kw):
+        calls.append((prompt, kw["mode"], kw["source_prompt"], list(kw["protect"])))
+        return real(ed, prompt, emb, **kw)
+
+    monkeypatch.setattr(embeddings, "protect_embeddings", spy)
+    editor.edit(inv, target, protect=["gray background"], leakage="replace", progress=False)
+    assert calls == [(target, "replace", s.caption, ["gray background"])]
+    with pytest.raises(ValueError, match="protect"):
+        editor.edit(inv, target, protect=["blue square"], progress=False)
+
+
+def test_cli_edit_writes_one_file_per_target(inverted, tmp_path, capsys):
+    from editor.cli import main
+
+    s, inv = inverted[1]
+    path = inv.save(tmp_path / "inv.safetensors")
+    out = tmp_path / "out.png"
+    t1, t2 = s.caption.replace("red", "blue"), s.caption.replace("red", "green")
+    code = main(["edit", str(path), "--target", t1, "--target", t2, "--self-replace", "0.5",
+                 "--reweight", "square=1.2", "-o", str(out), "--source", str(tmp_path / "src.png")])
+    assert code == 0
+    assert (tmp_path / "out-1.png").is_file() and (tmp_path / "out-2.png").is_file()
+    assert (tmp_path / "src.png").is_file() and not out.exists()
+    assert "out-1.png" in capsys.readouterr().out
+    code = main(["edit", str(path), "--target", t1, "--reweight", "square", "-o", str(out)])
+    assert code == 2 and "WORD=SCALE" in capsys.readouterr().err
+    code = main(["edit", str(path), "--target", t1, "--blend", "dog", "-o", str(out)])
+    assert code == 2 and "'dog' is not in the prompt" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_full_measurement():
+    """The README table: 12 color swaps, 8 shape swaps, 50 null-text steps (minutes on CPU)."""
+    from editor.model import Editor
+    from tools.measure_edits import measure, summarize
+
+    ed = Editor.from_pretrained("shapes", device="cpu")
+    res = measure(ed, seeds=list(range(100, 112)), n_shape=8, method="null-text", steps=50,
+                  configs=["defaults"], scales=[0.0, 1.0, 2.0], n_reweight=4, cache=None)
+    summ = summarize(res["rows"], res["reweight"])
+    assert summ["defaults/color"]["bg_psnr_mean"] >= 25.0
+    assert summ["defaults/color"]["success"] >= 0.75
