@@ -10,9 +10,17 @@ local blending keeps the latent outside the edited words' region.
 
 Defaults (what a user gets without the advanced panel): word swap / refinement
 chosen from the word counts, cross-attention injection for 80% of the steps,
-self-attention for 40%, and *automatic local blending* on the words that differ
-between source and target (found by the prompt alignment), threshold 0.3 from
-20% of the steps. Measured on the bundled model in the README ("Prompt edits").
+self-attention for 40% (maps of at most 1/4 of the latent's positions), and
+*automatic local blending* on the region the prompt change affects. Because the
+bundled model's per-word cross-attention maps do not localise (its conditional
+branch reads ~80% of its attention from the end/padding rows), that region is not
+taken from word maps but from DiffEdit's noise difference (Couairon et al. 2022):
+``|eps(x_src, target) - eps(x_src, source)|`` over the first 20% of the steps,
+thresholded at 0.5 of its max. The latents are blended from 20% of the steps
+(P2P), and the decoded images are composited with the same mask, because the
+bundled VAE decoder (mid-block attention, group norm) lets the edited region's
+latents re-colour the whole background. Explicit ``blend_words`` give the published
+word-map blend. Measured in the README ("Prompt edits").
 """
 
 from __future__ import annotations
@@ -325,10 +333,15 @@ def edit_many(
       ``"default_"``) during which targets take the source's cross-attention.
     - ``self_replace``: fraction of steps with the source's self-attention, on maps of at
       most ``self_max_fraction`` of the latent's positions.
-    - ``blend_words``: ``"auto"`` (the words that differ between source and each target;
-      the reweighted words when none differ), a list of words (looked up in the source
-      and in each target), or ``None`` / ``[]`` for no local blending.
-      ``blend_subtract``: words whose region is excluded from the mask.
+    - ``blend_words``: ``"auto"`` (default: blend where the prompt change acts, see
+      ``blend_mask``), a list of words (looked up in the source and in each target), or
+      ``None`` / ``[]`` for no local blending. ``blend_subtract``: words whose region
+      is excluded from the mask.
+    - ``blend_mask``: ``"auto"`` (``"noise"`` for ``blend_words="auto"``, else
+      ``"attention"``), ``"attention"`` (P2P: the words' cross-attention maps, threshold
+      ``blend_threshold``; with ``"auto"`` words: the changed words), ``"noise"``
+      (DiffEdit-style prediction difference). ``pixel_blend``: also composite the
+      decoded images with the mask (default on).
     - ``reweight``: ``{word: scale}`` on the target's attention columns (composes with
       replace/refine) while cross-attention is injected; with ``reweight_text`` (default)
       also on the word's share of the whole text encoding (:func:`reweight_embedding`).

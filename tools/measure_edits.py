@@ -39,6 +39,7 @@ if str(ROOT) not in sys.path:  # pragma: no cover - script use
 from editor import scenes  # noqa: E402
 from editor.images import psnr  # noqa: E402
 
+CAP = 99.0  # PSNR of identical pixels is infinite; JSON gets this instead
 NEXT_COLOR = {"red": "blue", "blue": "yellow", "yellow": "green", "green": "red"}
 NEXT_SHAPE = {"circle": "square", "square": "triangle", "triangle": "circle"}
 
@@ -107,6 +108,7 @@ def measure(editor, *, seeds: list[int], n_shape: int, method: str, steps: int, 
     t_inv = time.perf_counter() - t0
     rows = []
     grid_rows = []
+    grid_cfgs = configs[:2]
     for idx, (seed, s) in enumerate(samples):
         obj = s.scene.objects[0]
         inv = invs[seed]
@@ -124,6 +126,10 @@ def measure(editor, *, seeds: list[int], n_shape: int, method: str, steps: int, 
                 kw["blend_words"] = sorted({w for j in jobs for w in (j[3], j[4])})
             res = editor.edit_many(inv, targets, progress=False, **kw)
             rec_psnr = psnr(res[0].source, s.image)
+            if cfg == grid_cfgs[0] and len(grid_rows) < 6:
+                grid_rows.append([s.image, res[0].source])
+            if cfg in grid_cfgs and idx < 6:
+                grid_rows[idx].extend(r.image for r in res)
             for (kind, target, want, _old, new), r in zip(jobs, res, strict=True):
                 _, want_masks = want.render()
                 bg = ~dilate(src_mask | (want_masks[0] > 0.5), 1)
@@ -134,8 +140,8 @@ def measure(editor, *, seeds: list[int], n_shape: int, method: str, steps: int, 
                 row = {
                     "seed": seed, "config": cfg, "kind": kind, "source": s.caption, "target": target,
                     "read_colors": chk.colors, "read_shapes": chk.shapes,
-                    "bg_psnr": round(psnr(r.image, s.image, mask=bg), 2),
-                    "bg_psnr_rec": round(psnr(r.image, r.source, mask=bg), 2),
+                    "bg_psnr": round(min(psnr(r.image, s.image, mask=bg), CAP), 2),
+                    "bg_psnr_rec": round(min(psnr(r.image, r.source, mask=bg), CAP), 2),
                     "rec_psnr": round(rec_psnr, 2), "mask_iou": round(iou, 3),
                     "seconds": round(r.seconds, 2),
                 }
@@ -147,8 +153,6 @@ def measure(editor, *, seeds: list[int], n_shape: int, method: str, steps: int, 
                     row.update(success=chk.shapes[0] == new, color_kept=chk.colors[0] == obj.color,
                                centroid_shift_px=round(moved, 2))
                 rows.append(row)
-            if cfg == configs[0] and len(grid_rows) < 6:
-                grid_rows.append([s.image, res[0].source] + [r.image for r in res])
     reweight = []
     for seed, s in samples[:n_reweight]:
         obj = s.scene.objects[0]
@@ -179,6 +183,7 @@ def summarize(rows: list[dict], reweight: list[dict]) -> dict:
             if kind == "shape":
                 d["color_kept"] = round(float(np.mean([r["color_kept"] for r in sel])), 3)
                 d["centroid_shift_px_mean"] = round(float(np.mean([r["centroid_shift_px"] for r in sel])), 2)
+                d["centroid_shift_px_max"] = round(float(np.max([r["centroid_shift_px"] for r in sel])), 2)
                 d["success_with_color_and_position"] = round(float(np.mean(
                     [r["success"] and r["color_kept"] and r["centroid_shift_px"] <= 4 for r in sel])), 3)
             out[f"{cfg}/{kind}"] = d
@@ -191,7 +196,7 @@ def summarize(rows: list[dict], reweight: list[dict]) -> dict:
 
 
 def save_grid(grid: list[list[Image.Image]], path: Path, scale: int = 2) -> None:
-    """Rows: input, reconstruction, edits (NEAREST-upscaled)."""
+    """Rows: input, reconstruction, then each grid config's edits (NEAREST-upscaled)."""
     if not grid:
         return
     w, h = grid[0][0].size
