@@ -224,6 +224,10 @@ def test_cli_edit_writes_one_file_per_target(inverted, tmp_path, capsys):
 @pytest.mark.slow
 def test_full_measurement():
     """The README table: 12 color swaps, 8 shape swaps, 50 null-text steps (minutes on CPU)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tools/ is not installed
     from editor.model import Editor
     from tools.measure_edits import measure, summarize
 
