@@ -348,7 +348,6 @@ def invert_batch(
     :class:`editor.fastpath.FastPath` for null-text's pivots and optimisation (static
     buffers, CUDA graphs / torch.compile, reduced-precision UNet; see that module).
     """
-
     from .fastpath import resolve_fast
 
     if len(images) != len(prompts) or not images:
