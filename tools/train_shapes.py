@@ -26,6 +26,7 @@ import math
 import os
 import sys
 import time
+from functools import partial
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -54,19 +55,20 @@ TEXT_CFG = dict(vocab_size=49408, hidden_size=64, intermediate_size=256, num_hid
                 bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
 
 
-def _make(seed: int) -> tuple[np.ndarray, str]:
+def _make(seed: int, two_object: float = 0.6) -> tuple[np.ndarray, str]:
     rng = np.random.default_rng(seed)
-    # two-object scenes are the hard part (binding colour and side): 60% of them
-    n = 2 if rng.random() < 0.6 else 1
+    # two-object scenes are the hard part (binding colour and side)
+    n = 2 if rng.random() < two_object else 1
     scene = scenes.random_scene(rng, size=IMAGE, n_objects=n)
     img, _ = scene.render()
     return np.asarray(img), scene.caption()
 
 
-def make_dataset(n: int, seed: int, workers: int) -> tuple[torch.Tensor, list[str]]:
+def make_dataset(n: int, seed: int, workers: int, two_object: float = 0.6
+                 ) -> tuple[torch.Tensor, list[str]]:
     seeds = [seed * 10_000_000 + i for i in range(n)]
     with Pool(workers) as pool:
-        out = pool.map(_make, seeds, chunksize=512)
+        out = pool.map(partial(_make, two_object=two_object), seeds, chunksize=512)
     imgs = torch.from_numpy(np.stack([o[0] for o in out])).permute(0, 3, 1, 2).contiguous()
     return imgs, [o[1] for o in out]
 
@@ -158,13 +160,21 @@ def train_unet(latents, captions, tokenizer, args, dev, log):
     text = CLIPTextModel(CLIPTextConfig(**TEXT_CFG)).to(dev)
     noise_sched = DDPMScheduler(**SD_BETAS)
     acp = noise_sched.alphas_cumprod.to(dev)
+    snr = acp / (1 - acp)
+    # Min-SNR-gamma weighting for epsilon prediction (Hang et al. 2023, eq. 10):
+    # w_t = min(SNR_t, gamma) / SNR_t; gamma 0 turns it off.
+    weight = (snr.clamp(max=args.min_snr) / snr) if args.min_snr else torch.ones_like(snr)
     params = list(unet.parameters()) + list(text.parameters())
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2,
+                            fused=dev.type == "cuda")
     ema_u, ema_t = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text).requires_grad_(False)
+    ema_params = list(ema_u.parameters()) + list(ema_t.parameters())
     ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True,
-                    return_tensors="pt").input_ids
+                    return_tensors="pt").input_ids.to(dev)
     empty = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids[0]
-    g = torch.Generator().manual_seed(args.seed + 3)
+    empty = empty.to(dev)
+    latents = (latents * log["scaling_factor"]).to(dev)  # all data on the device: no copies per step
+    g = torch.Generator(dev).manual_seed(args.seed + 3)
     t0 = time.time()
     total = args.unet_steps
     step = 0
@@ -172,29 +182,25 @@ def train_unet(latents, captions, tokenizer, args, dev, log):
         total = fit_steps(step, t0, total, args.unet_budget)
         for pg in opt.param_groups:
             pg["lr"] = args.lr * cosine(step, total, 500)
-        idx = torch.randint(0, len(latents), (args.batch,), generator=g)
-        z0 = latents[idx].to(dev) * log["scaling_factor"]
-        tok = ids[idx].clone()
-        drop = torch.rand(args.batch, generator=g) < 0.1
-        tok[drop] = empty
-        tok = tok.to(dev)
-        noise = torch.randn(z0.shape, generator=g).to(dev)
-        t = torch.randint(0, 1000, (args.batch,), generator=g).to(dev)
+        idx = torch.randint(0, len(latents), (args.batch,), generator=g, device=dev)
+        z0 = latents[idx]
+        drop = torch.rand(args.batch, generator=g, device=dev) < 0.1
+        tok = torch.where(drop[:, None], empty[None], ids[idx])
+        noise = torch.randn(z0.shape, generator=g, device=dev)
+        t = torch.randint(0, 1000, (args.batch,), generator=g, device=dev)
         a = acp[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             emb = text(tok)[0]
             pred = unet(zt, t, encoder_hidden_states=emb).sample
-        loss = F.mse_loss(pred.float(), noise)
+        loss = (weight[t] * (pred.float() - noise).pow(2).mean(dim=(1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         decay = min(args.ema, (1 + step) / (10 + step))
         with torch.no_grad():
-            for m, e in ((unet, ema_u), (text, ema_t)):
-                for p, q in zip(m.parameters(), e.parameters(), strict=True):
-                    q.lerp_(p, 1 - decay)
+            torch._foreach_lerp_(ema_params, params, 1 - decay)
         if step % 500 == 0 or step == total - 1:
             print(f"unet {step}/{total} loss {loss.item():.4f} {time.time() - t0:.0f}s", flush=True)
         step += 1
@@ -247,6 +253,12 @@ def main(argv=None) -> None:
                    help="seconds: cap VAE steps by the speed of the first 200 (0: no cap)")
     p.add_argument("--unet-budget", type=float, default=0,
                    help="seconds: cap UNet steps by the speed of the first 200 (0: no cap)")
+    p.add_argument("--min-snr", type=float, default=5.0,
+                   help="Min-SNR-gamma loss weighting (0: plain epsilon MSE)")
+    p.add_argument("--two-object", type=float, default=0.6,
+                   help="fraction of training scenes with two objects")
+    p.add_argument("--vae-from", type=Path, default=None,
+                   help="reuse the VAE (and its scaling factor) of an earlier run's folder")
     p.add_argument("--eval", type=int, default=128, help="held-out prompts per object count")
     args = p.parse_args(argv)
 
@@ -264,15 +276,28 @@ def main(argv=None) -> None:
     tokenizer = CLIPTokenizer.from_pretrained(args.out / "tokenizer")
 
     t = time.time()
-    imgs, captions = make_dataset(args.dataset, args.seed, args.workers)
+    imgs, captions = make_dataset(args.dataset, args.seed, args.workers, args.two_object)
     log["data_seconds"] = time.time() - t
     print(f"dataset {len(imgs)} in {log['data_seconds']:.0f}s", flush=True)
 
-    vae = train_vae(imgs, args, dev, log)
-    log["vae_psnr_db"] = vae_psnr(vae, dev)
-    lat = encode_all(vae, imgs, dev)
-    log["scaling_factor"] = float(1.0 / lat.std())
-    vae.register_to_config(scaling_factor=log["scaling_factor"])
+    if args.vae_from:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(args.vae_from, subfolder="vae",
+                                            torch_dtype=torch.float32).to(dev)
+        vae.eval().requires_grad_(False)
+        earlier = json.loads((args.vae_from / "train_log.json").read_text())
+        log.update({k: earlier[k] for k in ("vae_steps", "vae_seconds") if k in earlier})
+        log["vae_from"] = str(args.vae_from)
+        log["vae_psnr_db"] = vae_psnr(vae, dev)
+        lat = encode_all(vae, imgs, dev)
+        log["scaling_factor"] = float(vae.config.scaling_factor)
+    else:
+        vae = train_vae(imgs, args, dev, log)
+        log["vae_psnr_db"] = vae_psnr(vae, dev)
+        lat = encode_all(vae, imgs, dev)
+        log["scaling_factor"] = float(1.0 / lat.std())
+        vae.register_to_config(scaling_factor=log["scaling_factor"])
     print(f"vae psnr {log['vae_psnr_db']:.2f} dB, scaling factor {log['scaling_factor']:.4f}", flush=True)
 
     unet, text = train_unet(lat, captions, tokenizer, args, dev, log)
