@@ -11,7 +11,7 @@ from editor.inversion import invert_batch
 
 # steps 4, 4 inner steps and this threshold make the two scenes stop at different inner
 # steps (some timesteps after 1, others run all 4), so masking is exercised
-MIXED = dict(steps=4, num_inner_steps=4, early_stop_epsilon=0.09, progress=False)
+MIXED = dict(steps=4, num_inner_steps=4, early_stop_epsilon=0.03, progress=False)
 
 
 def test_adam_masked_equals_torch_adam_and_freezes_rows():
