@@ -323,6 +323,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
         kw["blend_words"] = args.blend
     if args.blend_subtract:
         kw["blend_subtract"] = args.blend_subtract
+    if args.mask_threshold is not None:
+        kw["noise_threshold"] = args.mask_threshold
     if args.leakage is not None:
         kw["leakage"] = args.leakage
     results = editor.edit_many(inv, targets, **kw)
@@ -496,6 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blend-subtract", nargs="+", metavar="WORD",
                    help="words whose region is kept out of the blend mask")
     p.add_argument("--no-blend", action="store_true", help="no local blending (plain P2P)")
+    p.add_argument("--mask-threshold", type=float, default=None, metavar="T",
+                   help="automatic blend mask: threshold on the normalised prediction "
+                        "difference (default 0.5; 0.3 suits shape swaps, see README)")
     p.add_argument("--reweight", nargs="+", metavar="WORD=SCALE",
                    help="scale words' attention and share of the text encoding, e.g. red=1.5")
     p.add_argument("--mode", default="auto", choices=["auto", "replace", "refine"],

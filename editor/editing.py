@@ -314,6 +314,7 @@ def edit_many(
     blend_threshold: float = BLEND_THRESHOLD,
     blend_start: float = BLEND_START,
     blend_mask: str = "auto",
+    noise_threshold: float = NOISE_MASK_THRESHOLD,
     pixel_blend: bool = True,
     reweight: Mapping[str, float] | None = None,
     mode: str = "auto",
@@ -340,8 +341,9 @@ def edit_many(
     - ``blend_mask``: ``"auto"`` (``"noise"`` for ``blend_words="auto"``, else
       ``"attention"``), ``"attention"`` (P2P: the words' cross-attention maps, threshold
       ``blend_threshold``; with ``"auto"`` words: the changed words), ``"noise"``
-      (DiffEdit-style prediction difference). ``pixel_blend``: also composite the
-      decoded images with the mask (default on).
+      (DiffEdit-style prediction difference, thresholded at ``noise_threshold`` of its
+      max: lower covers more of the object's rim and more background). ``pixel_blend``:
+      also composite the decoded images with the mask (default on).
     - ``reweight``: ``{word: scale}`` on the target's attention columns (composes with
       replace/refine) while cross-attention is injected; with ``reweight_text`` (default)
       also on the word's share of the whole text encoding (:func:`reweight_embedding`).
@@ -370,6 +372,8 @@ def edit_many(
         raise ValueError(f"blend_start must be in [0, 1], got {blend_start}")
     if not 0.0 <= float(blend_threshold) < 1.0:
         raise ValueError(f"blend_threshold must be in [0, 1), got {blend_threshold}")
+    if not 0.0 <= float(noise_threshold) < 1.0:
+        raise ValueError(f"noise_threshold must be in [0, 1), got {noise_threshold}")
     if not 0.0 <= float(self_max_fraction) <= 1.0:
         raise ValueError(f"self_max_fraction must be in [0, 1], got {self_max_fraction}")
     sched = editor.scheduler()
@@ -446,7 +450,7 @@ def edit_many(
     if mask_source == "noise":
         blend = LocalBlend(None, sizes, start=start, subtract=sub if subtract else None,
                            source="noise", noise_until=max(1, int(round(NOISE_MASK_STEPS * steps))),
-                           noise_threshold=NOISE_MASK_THRESHOLD)
+                           noise_threshold=float(noise_threshold))
     elif mask_source == "attention" and add.any():
         blend = LocalBlend(add, sizes, start=start, threshold=blend_threshold,
                            subtract=sub if subtract else None)
@@ -493,7 +497,8 @@ def edit_many(
     options = {
         "cross_replace": cross_replace, "self_replace": self_replace,
         "self_max_fraction": self_max_fraction, "blend_threshold": blend_threshold,
-        "blend_start": blend_start, "blend_mask": mask_source or "none", "pixel_blend": pixel_blend,
+        "blend_start": blend_start, "blend_mask": mask_source or "none",
+        "noise_threshold": float(noise_threshold), "pixel_blend": pixel_blend,
         "blend_sizes": [list(s) for s in sizes],
         "reweight": reweight, "protect": protect_list,
         "leakage": leakage if protect_list else "none", "guidance": w,

@@ -50,6 +50,14 @@ CONFIGS: dict[str, dict] = {
     "p2p_plain": {"blend_words": None},
     "p2p_word_blend": {"blend_words": "CHANGED", "blend_mask": "attention"},
     "noise_blend_latent_only": {"pixel_blend": False},
+    "cross_0.6": {"cross_replace": 0.6},
+    "cross_0.4": {"cross_replace": 0.4},
+    "cross_0.2": {"cross_replace": 0.2},
+    "recolor_cross_0.4": {"self_replace": 1.0, "cross_replace": 0.4},
+    "noise_0.4": {"noise_threshold": 0.4},
+    "noise_0.3": {"noise_threshold": 0.3},
+    "recolor_noise_0.4": {"self_replace": 1.0, "noise_threshold": 0.4},
+    "recolor_noise_0.3": {"self_replace": 1.0, "noise_threshold": 0.3},
 }
 
 
