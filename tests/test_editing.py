@@ -237,7 +237,7 @@ def test_lower_noise_threshold_grows_the_automatic_mask(editor, inverted):
 
 @pytest.mark.slow
 def test_full_measurement():
-    """The README's targets: 12 color and 12 shape swaps, 50 null-text steps (~15 min on CPU).
+    """The README's targets: 12 color and 12 shape swaps, 50 null-text steps (~10 min on CPU).
 
     Defaults keep the background (>= 25 dB); ``self_replace=1.0`` meets the color-swap
     targets; ``self_replace=1.0, noise_threshold=0.3`` the shape-swap ones."""
