@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
-from .inversion import _alpha, _x0_eps, resolve_sync_every
+from .inversion import _alpha, ddim_inverse_update, ddim_update, resolve_sync_every
 
 if TYPE_CHECKING:  # pragma: no cover
     from .model import Editor
@@ -153,15 +153,13 @@ class StaticNullText:
 
     def _ddim(self, out: torch.Tensor) -> torch.Tensor:
         """DDIM step t -> t - T/steps (Song et al. 2021, eq. 12), as ``inversion.ddim_step``."""
-        x0, eps = _x0_eps(self.sched, out, self.z, self.a_t)
-        return self.a_prev.sqrt() * x0 + (1 - self.a_prev).sqrt() * eps
+        return ddim_update(self.sched, out, self.z, self.a_t, self.a_prev)
 
     @torch.no_grad()
     def _pivot(self) -> None:
         """DDIM inversion step (t - T/steps) -> t, as ``inversion.ddim_inverse_step``."""
-        _, eps = _x0_eps(self.sched, self._eps(self.z, self.cond), self.z, self.a_t)
-        x0 = (self.z - (1 - self.a_prev).sqrt() * eps) / self.a_prev.sqrt()
-        self.z.copy_(self.a_t.sqrt() * x0 + (1 - self.a_t).sqrt() * eps)
+        out = self._eps(self.z, self.cond)
+        self.z.copy_(ddim_inverse_update(self.sched, out, self.z, self.a_t, self.a_prev))
 
     @torch.no_grad()
     def _cond(self) -> None:

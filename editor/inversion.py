@@ -153,24 +153,36 @@ def _x0_eps(sched, out: torch.Tensor, x: torch.Tensor, a_t: torch.Tensor):
     raise ValueError(f"unsupported prediction_type {kind!r}")
 
 
+def ddim_update(sched, out: torch.Tensor, x: torch.Tensor, a_t: torch.Tensor,
+                a_prev: torch.Tensor) -> torch.Tensor:
+    """DDIM step (Song et al. 2021, eq. 12, eta = 0) from alphas-cumprod ``a_t`` to ``a_prev``
+    (tensors, so the fast path can keep them in buffers)."""
+    x0, eps = _x0_eps(sched, out, x, a_t)
+    return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+
+
+def ddim_inverse_update(sched, out: torch.Tensor, x: torch.Tensor, a_t: torch.Tensor,
+                        a_from: torch.Tensor) -> torch.Tensor:
+    """DDIM inversion step from alphas-cumprod ``a_from`` up to ``a_t``, the model evaluated
+    at (x, t) as in the null-text paper's ``next_step``."""
+    _, eps = _x0_eps(sched, out, x, a_t)
+    x0 = (x - (1 - a_from).sqrt() * eps) / a_from.sqrt()
+    return a_t.sqrt() * x0 + (1 - a_t).sqrt() * eps
+
+
 def ddim_step(sched, out: torch.Tensor, t: int, x: torch.Tensor, steps: int) -> torch.Tensor:
     """One deterministic DDIM sampling step t -> t - T/steps (Song et al. 2021, eq. 12, eta = 0).
 
     Differentiable; equal to ``DDIMScheduler.step(...).prev_sample`` (tested)."""
-    a_t = _alpha(sched, t)
     a_prev = _alpha(sched, t - sched.config.num_train_timesteps // steps)
-    x0, eps = _x0_eps(sched, out, x, a_t)
-    return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+    return ddim_update(sched, out, x, _alpha(sched, t), a_prev)
 
 
 def ddim_inverse_step(sched, out: torch.Tensor, t: int, x: torch.Tensor, steps: int) -> torch.Tensor:
     """DDIM inversion step (t - T/steps) -> t, with the model evaluated at (x, t) as in the
     null-text paper's ``next_step``."""
-    a_t = _alpha(sched, t)
     a_from = _alpha(sched, t - sched.config.num_train_timesteps // steps)
-    _, eps = _x0_eps(sched, out, x, a_t)
-    x0 = (x - (1 - a_from).sqrt() * eps) / a_from.sqrt()
-    return a_t.sqrt() * x0 + (1 - a_t).sqrt() * eps
+    return ddim_inverse_update(sched, out, x, _alpha(sched, t), a_from)
 
 
 def _unet(editor: Editor, x: torch.Tensor, t: int, emb: torch.Tensor) -> torch.Tensor:
