@@ -227,39 +227,6 @@ def erode(mask: np.ndarray, radius: int = 1) -> np.ndarray:
     return ~dilate(~m, radius)
 
 
-def _hue(arr: np.ndarray) -> np.ndarray:
-    """Per-pixel hue in degrees of an RGB array."""
-    a = np.asarray(arr, np.float64) / 255.0
-    mx, mn = a.max(-1), a.min(-1)
-    d = np.where(mx - mn > 1e-6, mx - mn, 1.0)
-    r, g, b = a[..., 0], a[..., 1], a[..., 2]
-    h = np.where(mx == r, ((g - b) / d) % 6, np.where(mx == g, (b - r) / d + 2, (r - g) / d + 4))
-    return h * 60.0
-
-
-def _components(mask: np.ndarray) -> list[np.ndarray]:
-    """4-connected components of a boolean mask (flood fill; masks here are small)."""
-    m = np.asarray(mask, bool)
-    seen = np.zeros_like(m)
-    h, w = m.shape
-    comps = []
-    for y0, x0 in zip(*np.nonzero(m), strict=True):
-        if seen[y0, x0]:
-            continue
-        comp = np.zeros_like(m)
-        stack = [(y0, x0)]
-        seen[y0, x0] = True
-        while stack:
-            y, x = stack.pop()
-            comp[y, x] = True
-            for ny, nx in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):
-                if 0 <= ny < h and 0 <= nx < w and m[ny, nx] and not seen[ny, nx]:
-                    seen[ny, nx] = True
-                    stack.append((ny, nx))
-        comps.append(comp)
-    return comps
-
-
 @dataclass
 class EditAccuracy:
     """What the edited image shows where the edited object should be."""
@@ -315,11 +282,11 @@ def edit_accuracy(
     # widen its outline), whole connected components that lie mostly in the edit region
     obj = scenes.object_mask(arr)
     if color is not None:
-        hue = _hue(arr)
+        hue = scenes._hsv(arr, np.float64)[0]
         obj &= np.minimum(np.abs(hue - scenes.HUES[color]) % 360,
                           360 - np.abs(hue - scenes.HUES[color]) % 360) <= 45
     picked = np.zeros_like(obj)
-    for comp in _components(obj):
+    for comp in scenes._components(obj):
         if (comp & region).sum() > (comp & others).sum():
             picked |= comp
     shape = scenes.classify_shape(picked)

@@ -180,8 +180,9 @@ def sample(seed: int, **kwargs) -> SampledScene:
 # --- checking generated images against a caption ------------------------------------------
 
 
-def _hsv(img: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    arr = img.astype(np.float32) / 255.0
+def _hsv(img: np.ndarray, dtype: type = np.float32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Hue (degrees), saturation and value of an RGB array, computed in ``dtype``."""
+    arr = np.asarray(img).astype(dtype) / 255.0
     mx, mn = arr.max(-1), arr.min(-1)
     delta = mx - mn
     r, g, b = arr[..., 0], arr[..., 1], arr[..., 2]
