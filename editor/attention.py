@@ -372,16 +372,18 @@ class LocalBlend:
 
     def mask(self, store: AttentionStore, latent_hw: tuple[int, int]) -> torch.Tensor | None:
         """Boolean mask ``rows x 1 x h x w`` at latent size (None before anything was observed)."""
-        maps = store.average(self.sizes) if self.sizes else None
+        # word maps: the attention mask's source, and the noise mask's subtract words only
+        need_maps = self.source == "attention" or self.subtract is not None
+        maps = store.average(self.sizes) if need_maps and self.sizes else None
         if self.source == "noise":
             if self.noise is None:
                 return None
-            m = F.avg_pool2d(self.noise, 3, stride=1, padding=1, count_include_pad=False)
-            m = F.interpolate(m, size=tuple(latent_hw), mode="bilinear", align_corners=False)
+            m = F.interpolate(self._pooled_noise(), size=tuple(latent_hw), mode="bilinear",
+                              align_corners=False)
             m = self._threshold(m, self.noise_threshold)
             # a target whose prompt equals the source's (e.g. reweight only) has no
             # difference map: leave it unblended rather than erase its edit
-            m[self.noise.amax(dim=(1, 2, 3)) == 0] = True
+            m[self._no_difference()] = True
             m[0] = False  # the source row keeps itself
         else:
             if maps is None:
@@ -391,10 +393,23 @@ class LocalBlend:
             m = m & ~self._mask(maps, self.subtract, latent_hw, pool=False)
         return m
 
+    def _pooled_noise(self) -> torch.Tensor:
+        """The accumulated difference map, average-pooled 3x3 (``rows x 1 x h x w``)."""
+        return F.avg_pool2d(self.noise, 3, stride=1, padding=1, count_include_pad=False)
+
+    def _no_difference(self) -> torch.Tensor:
+        """Rows whose target prompt made no difference at all (``rows`` booleans)."""
+        return self.noise.amax(dim=(1, 2, 3)) == 0
+
     @staticmethod
-    def _threshold(m: torch.Tensor, th: float) -> torch.Tensor:
+    def _normalise(m: torch.Tensor) -> torch.Tensor:
+        """Each map divided by its max (all-zero maps stay zero)."""
         mx = m.amax(dim=(2, 3), keepdim=True)
-        return torch.where(mx > 0, m / mx.clamp_min(1e-12), torch.zeros_like(m)) > th
+        return torch.where(mx > 0, m / mx.clamp_min(1e-12), torch.zeros_like(m))
+
+    @classmethod
+    def _threshold(cls, m: torch.Tensor, th: float) -> torch.Tensor:
+        return cls._normalise(m) > th
 
     def _mask(self, maps: torch.Tensor, weights: torch.Tensor, hw: tuple[int, int], pool: bool) -> torch.Tensor:
         w = weights.to(maps)[:, :, None, None]
@@ -415,12 +430,10 @@ class LocalBlend:
         if self.last_mask is None:
             return None
         if self.source == "noise" and self.noise is not None:
-            m = F.avg_pool2d(self.noise, 3, stride=1, padding=1, count_include_pad=False)
-            mx = m.amax(dim=(2, 3), keepdim=True)
-            m = torch.where(mx > 0, m / mx.clamp_min(1e-12), torch.zeros_like(m))
-            m = F.interpolate(m, size=tuple(size), mode="bilinear", align_corners=False)
+            m = F.interpolate(self._normalise(self._pooled_noise()), size=tuple(size),
+                              mode="bilinear", align_corners=False)
             m = (m > self.noise_threshold).float()
-            m[self.noise.amax(dim=(1, 2, 3)) == 0] = 1.0
+            m[self._no_difference()] = 1.0
             if self.subtract is not None:  # keep the subtracted region out, as in the latent mask
                 keep = F.interpolate(self.last_mask.float(), size=tuple(size), mode="bilinear",
                                      align_corners=False)
