@@ -39,6 +39,12 @@ def machine() -> dict[str, str | int | None]:
     }
     return info
 
+
+def vae_ceiling(editor: Editor, images: list) -> list[float]:
+    """PSNR of each image through the VAE alone: the ceiling of every reconstruction."""
+    return [psnr(editor.decode_latents(editor.encode_image(to_tensor(im)))[0], im) for im in images]
+
+
 def reference_null_text(editor: Editor, image, prompt: str, *, steps: int = 50,
                         guidance: float = 7.5, num_inner_steps: int = 10,
                         early_stop_epsilon: float | None = 1e-5) -> Inversion:
@@ -115,8 +121,7 @@ def bench_inversion(editor: Editor, *, steps: int = 50, guidance: float = 7.5,
     out: dict[str, Any] = {"model": editor.model_id, "steps": steps, "guidance": guidance,
                            "scenes": len(seeds), "machine": machine(), "methods": {}}
     items = [scenes.sample(s, n_objects=1 + k % 2) for k, s in enumerate(seeds)]
-    ceil = [psnr(editor.decode_latents(editor.encode_image(to_tensor(sc.image)))[0], sc.image)
-            for sc in items]
+    ceil = vae_ceiling(editor, [sc.image for sc in items])
     out["vae_ceiling_psnr"] = sum(ceil) / len(ceil)
     for method in methods:
         vals, secs = [], []
@@ -454,7 +459,7 @@ def bench_precision(editor: Editor, *, steps: int = 50, guidance: float = 7.5,
     items = [scenes.sample(s, n_objects=1 + k % 2, size=editor.native_size)
              for k, s in enumerate(seeds)]
     imgs, caps = [sc.image for sc in items], [sc.caption for sc in items]
-    ceil = [psnr(editor.decode_latents(editor.encode_image(to_tensor(im)))[0], im) for im in imgs]
+    ceil = vae_ceiling(editor, imgs)
     fast = FastPath("static-eager", dtype=torch.bfloat16)
     pipe = editor.pipe
     bf16 = Editor(pipe=StableDiffusionPipeline(

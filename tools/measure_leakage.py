@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from editor import scenes
 from editor.embeddings import find_phrase, protect_embeddings, replace_rows
+from editor.metrics import hue_shift
 from editor.model import Editor
 
 #: (name, mode, rows, extra kwargs) of every variant measured.
@@ -77,13 +78,6 @@ def hue_deg(img, mask: np.ndarray) -> float | None:
         return None
     a = np.deg2rad(h[sel])
     return float(np.rad2deg(np.arctan2(np.sin(a).mean(), np.cos(a).mean())) % 360)
-
-
-def hue_shift(a: float | None, b: float | None) -> float | None:
-    if a is None or b is None:
-        return None
-    d = abs(a - b) % 360
-    return float(min(d, 360 - d))
 
 
 def measure_t2i(editor: Editor, cs: list[Case], steps: int, guidance: float, batch: int,
