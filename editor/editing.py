@@ -245,12 +245,15 @@ def reweight_embedding(editor: Editor, prompt: str, emb: torch.Tensor,
                        reweight: Mapping[str, float]) -> torch.Tensor:
     """Scale words' contribution to the whole text encoding (``L x D``), rows aligned by tokens.
 
-    ``X_s = X_without + s (X - X_without)``, ``X_without`` = the prompt encoded without
-    the word, its rows aligned to ``prompt``'s by :func:`editor.prompts.refine_mapper`
-    (the word's own rows keep ``X``, their attention is scaled by the P2P equalizer).
-    A causal text encoder writes every word into all later rows, end and padding rows
-    included; on the bundled model those carry most of the attention, so attention
-    column scaling alone hardly changes the image (README, "Prompt edits").
+    ``X_s = X_without + s (X - X_without)`` with ``s`` clipped to ``[0, 1]``,
+    ``X_without`` = the prompt encoded without the word, its rows aligned to ``prompt``'s
+    by :func:`editor.prompts.refine_mapper` (the word's own rows keep ``X``, their
+    attention is scaled by the P2P equalizer with the unclipped factor). A causal text
+    encoder writes every word into all later rows, end and padding rows included; on the
+    bundled model those carry most of the attention, so attention column scaling alone
+    hardly changes the image (README, "Prompt edits"). The encoding is interpolated,
+    never extrapolated: ``s > 1`` leaves the encoder's output range, and on the bundled
+    model it turned triangles into circles and squares and added blobs (README).
     """
     tok = editor.pipe.tokenizer
     out = emb.float().clone()
@@ -260,7 +263,8 @@ def reweight_embedding(editor: Editor, prompt: str, emb: torch.Tensor,
         index, alpha = P.refine_mapper(tok, rest, prompt, out.shape[0])
         base = x_wo[index.to(out.device)]
         keep = (alpha > 0).to(out.device)[:, None]
-        out = torch.where(keep, base + float(scale) * (out - base), out)
+        s = min(max(float(scale), 0.0), 1.0)
+        out = torch.where(keep, base + s * (out - base), out)
     return out.to(emb.dtype)
 
 
@@ -346,7 +350,8 @@ def edit_many(
       also composite the decoded images with the mask (default on).
     - ``reweight``: ``{word: scale}`` on the target's attention columns (composes with
       replace/refine) while cross-attention is injected; with ``reweight_text`` (default)
-      also on the word's share of the whole text encoding (:func:`reweight_embedding`).
+      also on the word's share of the whole text encoding, for scales below 1
+      (:func:`reweight_embedding`).
     - ``protect`` + ``leakage``: leakage control of :func:`editor.embeddings.protect_embeddings`
       applied to the target rows' text encoding (``leakage="none"`` turns it off).
     - ``guidance``: defaults to the inversion's.

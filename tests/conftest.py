@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
+import importlib
+import sys
+from pathlib import Path
+from types import ModuleType
+
 import pytest
 
 from editor import scenes
 from editor.model import Editor
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def measure_edits() -> ModuleType:
+    """``tools/measure_edits.py`` (not installed). The checkout goes *last* on ``sys.path``,
+    so its ``editor/`` (which lacks the bundled model) never shadows the installed one."""
+    if str(ROOT) not in sys.path:
+        sys.path.append(str(ROOT))
+    return importlib.import_module("tools.measure_edits")
 
 
 @pytest.fixture(scope="session")

@@ -15,10 +15,15 @@ Per scene and configuration:
 - background PSNR over pixels more than 1 px away from every object (source object
   and, for shape swaps, the ground-truth edited object), against the input image
   (``bg_psnr``) and against the run's own reconstruction (``bg_psnr_rec``);
-- reweight: the color word scaled by each of ``--scales`` (target = source prompt);
-  measure = "named-color amount": the image mean of HSV saturation x
-  ``max(0, cos(hue - hue of the word's color))**4``; monotonic if it never decreases
-  as the scale grows.
+- reweight (scenes ``--reweight-seed`` onwards, so they can be held out from the scenes
+  used to choose the measure): the color word scaled by each of ``--scales`` (target =
+  source prompt). Measure = "named-color share": the fraction of the source object's
+  true mask whose pixels are object-colored (saturation > 0.45, value > 0.25) with the
+  word's color as the nearest palette hue; monotonic if it never falls by more than
+  ``MONOTONIC_TOL`` (1% of the object's pixels) as the scale grows (strictly
+  non-decreasing is reported too). Also per scale: the shape read by the checker (kept
+  = the source's shape) and the older "named-color amount" (image mean of saturation x
+  ``max(0, cos(hue - the word's hue))**4``).
 """
 
 from __future__ import annotations
@@ -54,6 +59,10 @@ CONFIGS: dict[str, dict] = {
     "cross_0.4": {"cross_replace": 0.4},
     "cross_0.2": {"cross_replace": 0.2},
     "recolor_cross_0.4": {"self_replace": 1.0, "cross_replace": 0.4},
+    "blend_0": {"blend_start": 0.0},
+    "blend_0.1": {"blend_start": 0.1},
+    "noise_0.7": {"noise_threshold": 0.7},
+    "noise_0.6": {"noise_threshold": 0.6},
     "noise_0.4": {"noise_threshold": 0.4},
     "noise_0.3": {"noise_threshold": 0.3},
     "recolor_noise_0.4": {"self_replace": 1.0, "noise_threshold": 0.4},
@@ -77,6 +86,23 @@ def centroid(mask: np.ndarray) -> np.ndarray | None:
 def largest(mask: np.ndarray) -> np.ndarray:
     comps = scenes._components(mask)
     return comps[0] if comps else np.zeros_like(mask)
+
+
+MONOTONIC_TOL = 0.01
+
+
+def named_color_share(img: Image.Image, color: str, mask: np.ndarray) -> float:
+    """Fraction of ``mask`` whose pixels are object-colored and nearest ``color``'s hue."""
+    hue, sat, val = scenes._hsv(np.asarray(img.convert("RGB")))
+    dist = {c: np.abs((hue - h + 180.0) % 360.0 - 180.0) for c, h in scenes.HUES.items()}
+    nearest = np.argmin(np.stack(list(dist.values())), axis=0) == list(dist).index(color)
+    hit = nearest & (sat > 0.45) & (val > 0.25)
+    return float(hit[mask].mean()) if mask.any() else 0.0
+
+
+def monotonic(vals: list[float], tol: float = 0.0) -> bool:
+    """Never falls by more than ``tol`` from one value to the next."""
+    return all(b >= a - tol for a, b in zip(vals, vals[1:], strict=False))
 
 
 def named_color_amount(img: Image.Image, color: str) -> float:
@@ -109,10 +135,14 @@ def invert_cached(editor, samples, method: str, steps: int, cache: Path | None):
 
 
 def measure(editor, *, seeds: list[int], n_shape: int, method: str, steps: int, configs: list[str],
-            scales: list[float], n_reweight: int, cache: Path | None) -> dict:
-    samples = [(sd, scenes.sample(sd, n_objects=1)) for sd in seeds]
+            scales: list[float], n_reweight: int, cache: Path | None,
+            reweight_seed: int | None = None) -> dict:
+    samples = [(sd, scenes.sample(sd, n_objects=1)) for sd in seeds] if configs else []
+    first = seeds[0] if reweight_seed is None else reweight_seed
+    rw_samples = [(sd, scenes.sample(sd, n_objects=1)) for sd in range(first, first + n_reweight)]
     t0 = time.perf_counter()
-    invs = invert_cached(editor, samples, method, steps, cache)
+    invs = invert_cached(editor, list({sd: s for sd, s in samples + rw_samples}.items()),
+                         method, steps, cache)
     t_inv = time.perf_counter() - t0
     rows = []
     grid_rows = []
@@ -162,13 +192,19 @@ def measure(editor, *, seeds: list[int], n_shape: int, method: str, steps: int, 
                                centroid_shift_px=round(moved, 2))
                 rows.append(row)
     reweight = []
-    for seed, s in samples[:n_reweight]:
+    for seed, s in rw_samples:
         obj = s.scene.objects[0]
-        res = [editor.edit(invs[seed], s.caption, reweight={obj.color: sc}, progress=False)
-               for sc in scales]
-        vals = [round(named_color_amount(r.image, obj.color), 4) for r in res]
-        reweight.append({"seed": seed, "word": obj.color, "scales": scales, "named_color_amount": vals,
-                         "monotonic": all(b >= a - 1e-4 for a, b in zip(vals, vals[1:], strict=False))})
+        src_mask = s.masks[0] > 0.5
+        imgs = [editor.edit(invs[seed], s.caption, reweight={obj.color: sc}, progress=False).image
+                for sc in scales]
+        share = [round(named_color_share(im, obj.color, src_mask), 4) for im in imgs]
+        reweight.append({
+            "seed": seed, "word": obj.color, "shape": obj.shape, "scales": scales,
+            "named_color_share": share,
+            "named_color_amount": [round(named_color_amount(im, obj.color), 4) for im in imgs],
+            "read_shapes": [scenes.check_image(im, s.scene).shapes[0] for im in imgs],
+            "monotonic": monotonic(share, MONOTONIC_TOL), "strictly_non_decreasing": monotonic(share),
+        })
     return {"rows": rows, "reweight": reweight, "grid": grid_rows, "inversion_seconds": t_inv}
 
 
@@ -196,10 +232,21 @@ def summarize(rows: list[dict], reweight: list[dict]) -> dict:
                     [r["success"] and r["color_kept"] and r["centroid_shift_px"] <= 4 for r in sel])), 3)
             out[f"{cfg}/{kind}"] = d
     if reweight:
-        out["reweight"] = {"n": len(reweight),
-                           "monotonic": round(float(np.mean([r["monotonic"] for r in reweight])), 3)}
+        scales = reweight[0]["scales"]
+        share = np.array([r["named_color_share"] for r in reweight])
+        kept = np.array([[sh == r["shape"] for sh in r["read_shapes"]] for r in reweight])
+        out["reweight"] = {
+            "n": len(reweight), "scales": scales,
+            "monotonic": round(float(np.mean([r["monotonic"] for r in reweight])), 3),
+            "strictly_non_decreasing": round(float(np.mean(
+                [r["strictly_non_decreasing"] for r in reweight])), 3),
+            "named_color_share_mean": [round(float(v), 3) for v in share.mean(0)],
+            "mean_monotonic": monotonic(list(share.mean(0))),
+            "shape_kept": [round(float(v), 3) for v in kept.mean(0)],
+        }
     recs = {(r["seed"]): r["rec_psnr"] for r in rows}
-    out["reconstruction_psnr_mean"] = round(float(np.mean(list(recs.values()))), 2)
+    if recs:
+        out["reconstruction_psnr_mean"] = round(float(np.mean(list(recs.values()))), 2)
     return out
 
 
@@ -225,8 +272,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-color", type=int, default=12, help="scenes (each gets a color swap)")
     ap.add_argument("--n-shape", type=int, default=8, help="of those, how many get a shape swap")
     ap.add_argument("--n-reweight", type=int, default=4)
-    ap.add_argument("--scales", type=float, nargs="+", default=[0.0, 0.5, 1.0, 1.5, 2.0])
-    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--reweight-seed", type=int, default=None,
+                    help="first reweight scene seed (default: --seed)")
+    ap.add_argument("--scales", type=float, nargs="+",
+                    default=[0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0])
+    ap.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS),
+                    help="edit configurations (none: reweight only)")
     ap.add_argument("--cache", type=Path, default=None, help="folder for cached inversions")
     ap.add_argument("--grid", type=Path, default=None, help="write a picture grid PNG here")
     ap.add_argument("--rows", action="store_true", help="include per-edit rows in the JSON")
@@ -241,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = list(range(args.seed, args.seed + args.n_color))
     res = measure(editor, seeds=seeds, n_shape=args.n_shape, method=args.method, steps=args.steps,
                   configs=args.configs, scales=args.scales, n_reweight=args.n_reweight,
-                  cache=args.cache)
+                  cache=args.cache, reweight_seed=args.reweight_seed)
     if args.grid:
         save_grid(res["grid"], args.grid)
     out = {"method": args.method, "steps": args.steps, "seeds": seeds,
