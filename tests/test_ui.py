@@ -46,8 +46,9 @@ load = partial(app.load_inversion, progress=_noop)
 
 
 def _edit(ctx, target, session, *, blend=True, blend_words="", reweight="", protect="",
-          leakage="replace"):
-    return edit(ctx, target, 0.8, 0.4, blend, blend_words, reweight, protect, leakage, session)
+          leakage="replace", mask_threshold=0.5):
+    return edit(ctx, target, 0.8, 0.4, blend, blend_words, reweight, protect, leakage,
+                mask_threshold, session)
 
 
 @pytest.fixture(scope="module")
@@ -177,11 +178,25 @@ def test_edit_gives_slider_gallery_maps_and_png(ctx, inverted):
         ({"reweight": "hexagon=2"}, "hexagon"),
         ({"reweight": "blue=two"}, "word=number"),
         ({"protect": "purple sky"}, "purple sky"),
+        ({"mask_threshold": 1.5}, "noise_threshold"),
     ],
 )
 def test_edit_with_unknown_words_is_a_page_error(ctx, inverted, kwargs, message):
     with pytest.raises(gr.Error, match=message):
         _edit(ctx, "a blue circle on a white background", inverted[4], **kwargs)
+
+
+def test_mask_threshold_reaches_the_automatic_blend(ctx, inverted):
+    """The advanced panel's mask threshold is the engine's ``noise_threshold``."""
+    target = "a blue circle on a white background"
+    inv = inverted[4].inversion
+    out = {}
+    for thr in (0.8, 0.2):
+        png = _edit(ctx, target, inverted[4], mask_threshold=thr)[3]
+        out[thr] = np.asarray(Image.open(png).convert("RGB"))
+        want = ctx.editor.edit(inv, target, noise_threshold=thr, progress=False).image
+        assert np.array_equal(out[thr], np.asarray(want))
+    assert not np.array_equal(out[0.8], out[0.2])
 
 
 def test_bad_input_is_a_page_error(ctx, inverted, examples, tmp_path):

@@ -36,6 +36,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402 - the analytics switch must be set before the import
 
+from editor.editing import NOISE_MASK_THRESHOLD  # noqa: E402
 from editor.images import image_hash, load_image, psnr  # noqa: E402
 from editor.inversion import METHODS, Inversion  # noqa: E402
 
@@ -332,6 +333,7 @@ def edit_image(
     reweight: str,
     protect: str,
     leakage: str,
+    mask_threshold: float,
     session: Session | None,
     progress: gr.Progress = gr.Progress(track_tqdm=True),  # noqa: B008 - Gradio's idiom
 ) -> tuple[tuple[Image.Image, Image.Image], list, list, str, str, Session]:
@@ -347,7 +349,8 @@ def edit_image(
     try:
         target = editor.check_prompt(target or "", what="target prompt")
         kwargs = _edit_kwargs(
-            cross_replace, self_replace, local_blend, blend_words, reweight, protect, leakage
+            cross_replace, self_replace, local_blend, blend_words, reweight, protect, leakage,
+            mask_threshold,
         )
         progress(0, desc="editing")
         result = editor.edit(inv, target, **kwargs)
@@ -379,15 +382,19 @@ def _edit_kwargs(
     reweight: str,
     protect: str,
     leakage: str,
+    mask_threshold: float = NOISE_MASK_THRESHOLD,
 ) -> dict[str, Any]:
     """The advanced panel's fields as :func:`editor.editing.edit` keyword arguments.
 
     Local blending off -> ``blend_words=None``; on with no words -> the engine's ``"auto"``
-    (the words that differ between caption and target).
+    (the words that differ between caption and target), whose mask is thresholded at
+    ``mask_threshold`` (``noise_threshold``; ignored for named blend words, which use
+    the words' attention maps).
     """
     kwargs: dict[str, Any] = {
         "cross_replace": float(cross_replace),
         "self_replace": float(self_replace),
+        "noise_threshold": float(mask_threshold),
     }
     if not local_blend:
         kwargs["blend_words"] = None
@@ -508,6 +515,9 @@ def build_demo(
                                    placeholder="circle")
                 reweight = gr.Textbox("", label="Reweight (word=factor, comma-separated)",
                                       placeholder="blue=2.0, background=0.5")
+                mask_threshold = gr.Slider(0.05, 0.95, value=NOISE_MASK_THRESHOLD, step=0.05,
+                                           label="Blend mask threshold (automatic blend; lower "
+                                           "covers more)", elem_id="mask-threshold")
             with gr.Row():
                 protect = gr.Textbox("", label="Protected phrases (comma-separated; must be in the "
                                      "target)", placeholder="white background")
@@ -532,7 +542,7 @@ def build_demo(
             concurrency_id=MODEL_QUEUE,
         )
         edit_inputs = [target, cross, self_, local_blend, blend, reweight, protect, leakage,
-                       session]
+                       mask_threshold, session]
         edit_outputs = [slider, gallery, maps, edited_file, status, session]
         edit_btn.click(partial(edit_image, ctx), edit_inputs, edit_outputs, api_name="edit",
                        concurrency_id=MODEL_QUEUE)
