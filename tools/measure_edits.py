@@ -92,11 +92,13 @@ MONOTONIC_TOL = 0.01
 
 
 def named_color_share(img: Image.Image, color: str, mask: np.ndarray) -> float:
-    """Fraction of ``mask`` whose pixels are object-colored and nearest ``color``'s hue."""
-    hue, sat, val = scenes._hsv(np.asarray(img.convert("RGB")))
-    dist = {c: np.abs((hue - h + 180.0) % 360.0 - 180.0) for c, h in scenes.HUES.items()}
-    nearest = np.argmin(np.stack(list(dist.values())), axis=0) == list(dist).index(color)
-    hit = nearest & (sat > 0.45) & (val > 0.25)
+    """Fraction of ``mask`` whose pixels are object-colored (:func:`editor.scenes.object_mask`)
+    and nearest ``color``'s hue among the palette's."""
+    arr = np.asarray(img.convert("RGB"))
+    hue = scenes._hsv(arr)[0]
+    names = list(scenes.HUES)
+    dist = np.stack([np.abs((hue - scenes.HUES[c] + 180.0) % 360.0 - 180.0) for c in names])
+    hit = (dist.argmin(0) == names.index(color)) & scenes.object_mask(arr)
     return float(hit[mask].mean()) if mask.any() else 0.0
 
 

@@ -382,7 +382,7 @@ def _edit_kwargs(
     reweight: str,
     protect: str,
     leakage: str,
-    mask_threshold: float = NOISE_MASK_THRESHOLD,
+    mask_threshold: float,
 ) -> dict[str, Any]:
     """The advanced panel's fields as :func:`editor.editing.edit` keyword arguments.
 
