@@ -18,9 +18,11 @@ import torch
 import torch.nn.functional as F
 
 from . import scenes
+from .ddim import ddim_step
+from .facade import Editor
 from .images import prepare_image, psnr, to_tensor
-from .inversion import METHODS, Inversion, ddim_step, invert
-from .model import Editor
+from .inversion import METHODS, Inversion
+from .options import InvertOptions
 
 #: Fixed benchmark scenes: seeds far from the training range (0 .. 1e5) and from tests.
 BENCH_SEEDS = (9_100_001, 9_100_002, 9_100_003, 9_100_004)
@@ -42,7 +44,8 @@ def machine() -> dict[str, str | int | None]:
 
 def vae_ceiling(editor: Editor, images: list) -> list[float]:
     """PSNR of each image through the VAE alone: the ceiling of every reconstruction."""
-    return [psnr(editor.decode_latents(editor.encode_image(to_tensor(im)))[0], im) for im in images]
+    m = editor.model
+    return [psnr(m.decode_latents(m.encode_image(to_tensor(im)))[0], im) for im in images]
 
 
 def reference_null_text(editor: Editor, image, prompt: str, *, steps: int = 50,
@@ -54,14 +57,14 @@ def reference_null_text(editor: Editor, image, prompt: str, *, steps: int = 50,
     UNet weights require grad (their gradients are computed and never used), the loss is
     read with ``.item()`` every inner step, and every step ends with a batch-2 pass.
     """
-    unet = editor.pipe.unet
-    sched = editor.scheduler()
+    m = editor.model
+    unet = m.unet
+    sched = m.scheduler()
     sched.set_timesteps(steps)
-    multiple = editor.vae_scale_factor * 2 ** (len(unet.config.block_out_channels) - 1)
-    img, digest = prepare_image(image, multiple=multiple, max_pixels=editor.native_size**2)
-    latent = editor.encode_image(to_tensor(img)).float()
-    cond = editor.encode_text([prompt]).float()
-    uncond = editor.encode_text([""]).float()
+    img, digest = prepare_image(image, multiple=m.latent_multiple, max_pixels=m.native_size**2)
+    latent = m.encode_image(to_tensor(img)).float()
+    cond = m.encode_text([prompt]).float()
+    uncond = m.encode_text([""]).float()
     unet.requires_grad_(True)
     try:
         # DDIM inversion (notebook: ddim_loop with next_step)
@@ -127,8 +130,9 @@ def bench_inversion(editor: Editor, *, steps: int = 50, guidance: float = 7.5,
         vals, secs = [], []
         for sc in items:
             t0 = time.perf_counter()
-            inv = invert(editor, sc.image, sc.caption, method=method, steps=steps,
-                         guidance=guidance, progress=False)
+            inv = editor.invert(sc.image, sc.caption,
+                                InvertOptions(method=method, steps=steps, guidance=guidance),
+                                progress=False)
             secs.append(time.perf_counter() - t0)
             vals.append(psnr(editor.reconstruct(inv, progress=False), sc.image))
         out["methods"][method] = {"psnr": sum(vals) / len(vals), "psnr_each": vals,
@@ -136,6 +140,7 @@ def bench_inversion(editor: Editor, *, steps: int = 50, guidance: float = 7.5,
     if reference:  # same image, same settings, early stopping disabled on both
         sc = items[0]
         kw = dict(steps=steps, guidance=guidance, early_stop_epsilon=None)
+        opts = InvertOptions(**kw)
         runs = {"reference": [], "engine": []}
         results = {}
         # A-B-B-A order, so a machine whose load drifts during the run biases neither side
@@ -144,7 +149,7 @@ def bench_inversion(editor: Editor, *, steps: int = 50, guidance: float = 7.5,
             if who == "reference":
                 results[who] = reference_null_text(editor, sc.image, sc.caption, **kw)
             else:
-                results[who] = invert(editor, sc.image, sc.caption, progress=False, **kw)
+                results[who] = editor.invert(sc.image, sc.caption, opts, progress=False)
             runs[who].append(time.perf_counter() - t0)
         t_ref, t_eng = sum(runs["reference"]) / 2, sum(runs["engine"]) / 2
         p_ref = psnr(editor.reconstruct(results["reference"], progress=False), sc.image)
@@ -158,7 +163,7 @@ def bench_inversion(editor: Editor, *, steps: int = 50, guidance: float = 7.5,
 
 # -- GPU speed at Stable Diffusion 1.5 size (``pivot-edit bench gpu``) -------------------------
 
-#: SD 1.5's UNet (859.5 M parameters), as ``shared/bench/reference_nti_gpu.py``'s SD15 dict.
+#: SD 1.5's UNet (859.5 M parameters).
 SD15_UNET: dict[str, Any] = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
     block_out_channels=(320, 640, 1280, 1280),
@@ -178,8 +183,8 @@ SD15_TEXT: dict[str, Any] = dict(
     num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
     bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, projection_dim=768,
 )
-#: ``--cpu-smoke``: the same architectures shrunk to run in seconds on a CPU (UNet channels
-#: as in reference_nti_gpu.py --cpu-smoke, 128x128 images, a 64-wide text encoder).
+#: ``--cpu-smoke``: the same architectures shrunk to run in seconds on a CPU (128x128
+#: images, a 64-wide text encoder).
 SMOKE_UNET = dict(block_out_channels=(32, 32, 64, 64), sample_size=16, norm_num_groups=32,
                   cross_attention_dim=64)
 SMOKE_VAE = dict(block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=8,
@@ -187,7 +192,7 @@ SMOKE_VAE = dict(block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num
 SMOKE_TEXT = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=1,
                   num_attention_heads=2, projection_dim=64)
 
-#: Issue 7's targets (H100/H200, SD 1.5 shape, 512x512, 50 steps, 10 inner steps, no early stop).
+#: The speed targets (H100/H200, SD 1.5 shape, 512x512, 50 steps, 10 inner steps, no early stop).
 GPU_TARGETS = {"nti_seconds_per_image_batch1": 8.0, "nti_seconds_per_image_batch8": 2.5,
                "p2p_edit_seconds": 2.0}
 #: Variants of ``bench gpu``: name -> (UNet dtype, fast mode or None for the plain loop,
@@ -223,7 +228,7 @@ def sd15_random_editor(device: str | torch.device = "cuda", *, smoke: bool = Fal
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from .model import bundled_model_path
+    from .model import Model, bundled_model_path
 
     unet_cfg, vae_cfg, text_cfg = dict(SD15_UNET), dict(SD15_VAE), dict(SD15_TEXT)
     if smoke:
@@ -241,11 +246,8 @@ def sd15_random_editor(device: str | torch.device = "cuda", *, smoke: bool = Fal
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet,
                                    scheduler=sched, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.to(torch.device(device))
-    for m in (unet, vae, text):
-        m.requires_grad_(False).eval()
-    return Editor(pipe=pipe, model_id="sd15-random" + ("-smoke" if smoke else ""))
+    return Editor(Model.from_pipe(pipe, "sd15-random" + ("-smoke" if smoke else ""),
+                                  device=device))
 
 
 def _sync(device: torch.device) -> None:
@@ -259,9 +261,10 @@ def time_null_text(editor: Editor, images: list, prompts: list[str], *, fast: An
 
     The DDIM pivots (with image and text encoding) are timed whole; the optimisation for
     ``timed_steps`` timesteps (each costs the same with a fixed number of inner steps) and
-    scaled to ``steps``, as reference_nti_gpu.py does; ``None`` times all of them.
+    scaled to ``steps``, as the reference benchmark does; ``None`` times all of them.
     """
-    from .inversion import InversionCancelled, invert_batch
+    from .inversion import invert_batch
+    from .progress import Cancelled
 
     dev = editor.device
     k = steps if timed_steps is None else max(1, min(int(timed_steps), steps))
@@ -276,9 +279,11 @@ def time_null_text(editor: Editor, images: list, prompts: list[str], *, fast: An
     _sync(dev)
     t0 = time.perf_counter()
     try:
-        invert_batch(editor, images, prompts, steps=steps, num_inner_steps=num_inner_steps,
-                     early_stop_epsilon=None, fast=fast, callback=mark, progress=False)
-    except InversionCancelled:
+        invert_batch(editor.model, images, prompts,
+                     InvertOptions(steps=steps, num_inner_steps=num_inner_steps,
+                                   early_stop_epsilon=None), fast=fast, callback=mark,
+                     progress=False)
+    except Cancelled:
         pass
     _sync(dev)
     wall = time.perf_counter() - t0
@@ -294,19 +299,16 @@ def time_edit(editor: Editor, image, prompt: str, target: str, *, steps: int) ->
     """Seconds of one Prompt-to-Prompt edit (source + one target, ``steps`` steps, default
     controls), after a 2-step warm-up edit; the inversion is DDIM (the edit's cost does not
     depend on the inversion method)."""
-    from .editing import edit
-    from .inversion import invert
-
     dev = editor.device
     t0 = time.perf_counter()
-    warm = invert(editor, image, prompt, method="ddim", steps=2, progress=False)
-    edit(editor, warm, target, progress=False)
+    warm = editor.invert(image, prompt, InvertOptions(method="ddim", steps=2), progress=False)
+    editor.edit(warm, target, progress=False)
     _sync(dev)
     warm_s = time.perf_counter() - t0
-    inv = invert(editor, image, prompt, method="ddim", steps=steps, progress=False)
+    inv = editor.invert(image, prompt, InvertOptions(method="ddim", steps=steps), progress=False)
     _sync(dev)
     t0 = time.perf_counter()
-    res = edit(editor, inv, target, progress=False)
+    res = editor.edit(inv, target, progress=False)
     _sync(dev)
     return {"seconds": time.perf_counter() - t0, "engine_seconds": res.seconds,
             "warmup_seconds": warm_s, "steps": steps}
@@ -443,7 +445,7 @@ def _gpu_checks(out: dict[str, Any]) -> dict[str, Any]:
 
 def bench_precision(editor: Editor, *, steps: int = 50, guidance: float = 7.5,
                     seeds: tuple[int, ...] = BENCH_SEEDS) -> dict[str, Any]:
-    """What a bf16 UNet does to null-text reconstruction (issue 7's "within 0.3 dB").
+    """What a bf16 UNet does to null-text reconstruction (the target: within 0.3 dB of fp32).
 
     On the same scenes (inverted in one batch, early stopping as default), PSNR of:
     ``fp32`` the plain loop; ``fast-bf16`` the fast path (static buffers) with a bf16 copy of
@@ -455,6 +457,7 @@ def bench_precision(editor: Editor, *, steps: int = 50, guidance: float = 7.5,
 
     from .fastpath import FastPath
     from .inversion import invert_batch
+    from .model import Model
 
     items = [scenes.sample(s, n_objects=1 + k % 2, size=editor.native_size)
              for k, s in enumerate(seeds)]
@@ -462,11 +465,11 @@ def bench_precision(editor: Editor, *, steps: int = 50, guidance: float = 7.5,
     ceil = vae_ceiling(editor, imgs)
     fast = FastPath("static-eager", dtype=torch.bfloat16)
     pipe = editor.pipe
-    bf16 = Editor(pipe=StableDiffusionPipeline(
+    bf16 = Editor(Model(pipe=StableDiffusionPipeline(
         vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
-        unet=fast.unet_for(editor), scheduler=pipe.scheduler, safety_checker=None,
+        unet=fast.unet_for(editor.model), scheduler=pipe.scheduler, safety_checker=None,
         feature_extractor=None, requires_safety_checker=False),
-        model_id=editor.model_id + "+bf16-unet")
+        model_id=editor.model_id + "+bf16-unet"))
     runs = {"fp32": (editor, None, editor), "fast-bf16": (editor, fast, editor),
             "bf16": (bf16, None, bf16)}
     out: dict[str, Any] = {"model": editor.model_id, "steps": steps, "guidance": guidance,
@@ -474,8 +477,8 @@ def bench_precision(editor: Editor, *, steps: int = 50, guidance: float = 7.5,
                            "machine": machine(), "runs": {}}
     for name, (inv_ed, fp, rec_ed) in runs.items():
         t0 = time.perf_counter()
-        invs = invert_batch(inv_ed, imgs, caps, steps=steps, guidance=guidance, fast=fp,
-                            progress=False)
+        invs = invert_batch(inv_ed.model, imgs, caps, InvertOptions(steps=steps, guidance=guidance),
+                            fast=fp, progress=False)
         secs = time.perf_counter() - t0
         vals = [psnr(rec_ed.reconstruct(inv, progress=False), im) for inv, im in zip(invs, imgs, strict=True)]
         out["runs"][name] = {"psnr": sum(vals) / len(vals), "psnr_each": vals, "seconds": secs,

@@ -16,12 +16,22 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from .options import EDIT_MODES, LEAKAGE_MODES, METHODS, EditOptions, GenerateOptions, InvertOptions
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .model import Editor
+    from .facade import Editor
 
 PROG = "pivot-edit"
+#: the defaults every flag shows, read from the options dataclasses (never written twice)
+_INV, _EDIT, _GEN = InvertOptions(), EditOptions(), GenerateOptions()
+
+
+def given(args: argparse.Namespace, mapping: dict[str, str]) -> dict[str, Any]:
+    """``{option: value}`` for the flags the user gave (``mapping``: option -> attribute)."""
+    return {opt: getattr(args, attr) for opt, attr in mapping.items()
+            if getattr(args, attr, None) is not None}
 
 
 # -- shared helpers ---------------------------------------------------------------------------
@@ -43,10 +53,17 @@ def add_model_args(parser: argparse.ArgumentParser, *, default: str = "auto") ->
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     """--seed, --steps, --guidance (DDIM sampling with classifier-free guidance)."""
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    parser.add_argument("--steps", type=int, default=50, help="DDIM steps (default: 50)")
-    parser.add_argument("--guidance", type=float, default=7.5,
-                        help="classifier-free guidance scale (default: 7.5)")
+    parser.add_argument("--seed", type=int, default=_GEN.seed,
+                        help=f"random seed (default: {_GEN.seed})")
+    parser.add_argument("--steps", type=int, default=_GEN.steps,
+                        help=f"DDIM steps (default: {_GEN.steps})")
+    parser.add_argument("--guidance", type=float, default=_GEN.guidance,
+                        help=f"classifier-free guidance scale (default: {_GEN.guidance})")
+
+
+def generate_options(args: argparse.Namespace) -> GenerateOptions:
+    return GenerateOptions.from_mapping(given(args, {"seed": "seed", "steps": "steps",
+                                                     "guidance": "guidance"}))
 
 
 def quiet_libraries() -> None:
@@ -65,7 +82,7 @@ def quiet_libraries() -> None:
 
 def load_editor(args: argparse.Namespace) -> Editor:
     """Load the model named by ``args.model``; print the fallback notice (if any) to stderr."""
-    from .model import Editor
+    from .facade import Editor
 
     quiet_libraries()
     editor = Editor.from_pretrained(args.model, device=args.device, dtype=args.dtype)
@@ -76,15 +93,14 @@ def load_editor(args: argparse.Namespace) -> Editor:
 
 def _save_image(image, out: Path) -> Path:
     """Write ``image`` atomically (a temporary file renamed into place): nothing half-written."""
+    from .fileio import IMAGE_SUFFIXES, atomic_save_image
+
     out = Path(out)
-    if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+    if out.suffix.lower() not in IMAGE_SUFFIXES:
         raise ValueError(f"output {str(out)!r} must end in .png, .jpg, .jpeg or .webp")
     if not out.parent.is_dir():
         raise ValueError(f"output folder {str(out.parent)!r} does not exist")
-    tmp = out.with_name(f".{out.name}.tmp{out.suffix}")
-    image.save(tmp)
-    tmp.replace(out)
-    return out
+    return atomic_save_image(image, out)
 
 
 # -- subcommands ------------------------------------------------------------------------------
@@ -95,8 +111,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):  # fail before loading
         raise ValueError(f"output {str(out)!r} must end in .png, .jpg, .jpeg or .webp")
+    options = generate_options(args)
     editor = load_editor(args)
-    image = editor.generate(args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance)
+    image = editor.generate(args.prompt, options)
     _save_image(image, out)
     print(out)
     return 0
@@ -155,10 +172,11 @@ def cmd_bench_model(args: argparse.Namespace) -> int:
             torch.cuda.synchronize(editor.device)
 
     prompt = args.prompt
-    editor.generate(prompt, seed=args.seed, steps=1, guidance=args.guidance)  # warm-up
+    options = generate_options(args)
+    editor.generate(prompt, options.replace(steps=1))  # warm-up
     _sync()
     t0 = time.perf_counter()
-    editor.generate(prompt, seed=args.seed, steps=args.steps, guidance=args.guidance)
+    editor.generate(prompt, options)
     _sync()
     gen_s = time.perf_counter() - t0
     result = {
@@ -168,7 +186,7 @@ def cmd_bench_model(args: argparse.Namespace) -> int:
         "dtype": str(editor.dtype).removeprefix("torch."),
         "native_size": editor.native_size,
         "load_seconds": round(load_s, 3),
-        "steps": args.steps,
+        "steps": options.steps,
         "generate_seconds": round(gen_s, 3),
         "machine": machine(),
     }
@@ -183,6 +201,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     items = read_manifest(args.manifest)  # ManifestError (a ValueError) -> exit 2
     defaults = {"method": args.method, "steps": args.steps, "guidance": args.guidance,
                 "num_inner_steps": args.num_inner_steps}
+    InvertOptions.from_mapping({k: v for k, v in defaults.items() if v is not None})
     if args.dry_run:
         print("\n".join(plan(items, args.out, defaults=defaults,
                              reconstruction=not args.no_reconstruction)))
@@ -252,11 +271,14 @@ def cmd_invert(args: argparse.Namespace) -> int:
         raise ValueError(f"output folder {str(out.parent)!r} does not exist")
     from .images import load_image
 
+    options = InvertOptions.from_mapping(given(args, {
+        "method": "method", "steps": "steps", "guidance": "guidance",
+        "num_inner_steps": "inner_steps", "early_stop_epsilon": "early_stop"}))
+    if args.no_early_stop:
+        options = options.replace(early_stop_epsilon=None)
     load_image(args.image)  # a bad file fails before the model loads
     editor = load_editor(args)
-    inv = editor.invert(args.image, args.prompt, method=args.method, steps=args.steps,
-                        guidance=args.guidance, num_inner_steps=args.inner_steps,
-                        early_stop_epsilon=None if args.no_early_stop else args.early_stop)
+    inv = editor.invert(args.image, args.prompt, options)
     inv.save(out)
     print(f"{out}  ({inv.method}, {inv.steps} steps, {inv.stats['seconds']:.1f} s)")
     return 0
@@ -287,6 +309,22 @@ def parse_reweight(items: Sequence[str] | None) -> dict[str, float]:
     return out
 
 
+def edit_options(args: argparse.Namespace) -> EditOptions:
+    """The edit flags as :class:`EditOptions` (only the flags given override defaults)."""
+    values = given(args, {"cross_replace": "cross_replace", "self_replace": "self_replace",
+                          "mode": "mode", "protect": "protect", "guidance": "guidance",
+                          "blend_subtract": "blend_subtract", "noise_threshold": "mask_threshold",
+                          "leakage": "leakage"})
+    reweight = parse_reweight(args.reweight)
+    if reweight:
+        values["reweight"] = reweight
+    if args.no_blend:
+        values["blend_words"] = None
+    elif args.blend:
+        values["blend_words"] = args.blend
+    return EditOptions.from_mapping(values)
+
+
 def edit_outputs(output: str, n: int) -> list[Path]:
     """Where ``pivot-edit edit`` writes: ``-o OUT.png`` for one target; for several,
     ``OUT-1.png, OUT-2.png, ...``, or ``edit-1.png, ...`` inside ``-o`` when it is a folder."""
@@ -311,23 +349,11 @@ def cmd_edit(args: argparse.Namespace) -> int:
     inv = Inversion.load(args.inversion)
     targets = list(args.target)
     outs = edit_outputs(args.output, len(targets))  # fail before loading the model
-    reweight = parse_reweight(args.reweight)
+    options = edit_options(args)
     if args.model == "inversion":
         args.model = inv.model_id
     editor = load_editor(args)
-    kw = dict(cross_replace=args.cross_replace, self_replace=args.self_replace, mode=args.mode,
-              reweight=reweight or None, protect=args.protect or None, guidance=args.guidance)
-    if args.no_blend:
-        kw["blend_words"] = None
-    elif args.blend:
-        kw["blend_words"] = args.blend
-    if args.blend_subtract:
-        kw["blend_subtract"] = args.blend_subtract
-    if args.mask_threshold is not None:
-        kw["noise_threshold"] = args.mask_threshold
-    if args.leakage is not None:
-        kw["leakage"] = args.leakage
-    results = editor.edit_many(inv, targets, **kw)
+    results = editor.edit_many(inv, targets, options)
     for res, out in zip(results, outs, strict=True):
         _save_image(res.image, out)
         print(f"{out}  ({res.options['mode']}: {res.target!r})")
@@ -421,8 +447,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Invert fixed generator scenes with every method; report PSNR beside the "
                     "VAE ceiling and seconds, and time the published null-text loop.")
     add_model_args(p, default="shapes")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default: 50)")
-    p.add_argument("--guidance", type=float, default=7.5, help="guidance (default: 7.5)")
+    p.add_argument("--steps", type=int, default=_INV.steps,
+                   help=f"DDIM steps (default: {_INV.steps})")
+    p.add_argument("--guidance", type=float, default=_INV.guidance,
+                   help=f"guidance (default: {_INV.guidance})")
     p.add_argument("--no-reference", action="store_true", help="skip the published loop")
     p.add_argument("--methods", default="null-text,negative-prompt,direct,ddim",
                    help="comma-separated methods to measure ('' for none: reference timing only)")
@@ -458,15 +486,17 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(safetensors with JSON metadata) that edits reuse.")
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("--prompt", required=True, help="caption of the image")
-    p.add_argument("--method", default="null-text",
-                   choices=["null-text", "negative-prompt", "direct", "ddim"],
-                   help="inversion method (default: null-text)")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default: 50)")
-    p.add_argument("--guidance", type=float, default=7.5, help="guidance (default: 7.5)")
-    p.add_argument("--inner-steps", type=int, default=10,
-                   help="null-text: Adam steps per timestep (default: 10)")
-    p.add_argument("--early-stop", type=float, default=1e-5,
-                   help="null-text: stop a timestep when loss < this + i*2e-5 (default: 1e-5)")
+    p.add_argument("--method", default=_INV.method, choices=list(METHODS),
+                   help=f"inversion method (default: {_INV.method})")
+    p.add_argument("--steps", type=int, default=_INV.steps,
+                   help=f"DDIM steps (default: {_INV.steps})")
+    p.add_argument("--guidance", type=float, default=_INV.guidance,
+                   help=f"guidance (default: {_INV.guidance})")
+    p.add_argument("--inner-steps", type=int, default=_INV.num_inner_steps,
+                   help=f"null-text: Adam steps per timestep (default: {_INV.num_inner_steps})")
+    p.add_argument("--early-stop", type=float, default=_INV.early_stop_epsilon,
+                   help="null-text: stop a timestep when loss < this + i*2e-5 "
+                        f"(default: {_INV.early_stop_epsilon})")
     p.add_argument("--no-early-stop", action="store_true", help="always run every inner step")
     p.add_argument("-o", "--output", required=True, metavar="FILE.safetensors")
     add_model_args(p)
@@ -488,10 +518,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inversion", metavar="INVERSION_FILE")
     p.add_argument("--target", action="append", required=True,
                    help="the edited prompt (repeat for several edits of the same image)")
-    p.add_argument("--cross-replace", type=float, default=0.8,
-                   help="fraction of steps with injected cross-attention (default: 0.8)")
-    p.add_argument("--self-replace", type=float, default=0.4,
-                   help="fraction of steps with injected self-attention (default: 0.4)")
+    p.add_argument("--cross-replace", type=float, default=_EDIT.cross_replace,
+                   help=f"fraction of steps with injected cross-attention (default: {_EDIT.cross_replace})")
+    p.add_argument("--self-replace", type=float, default=_EDIT.self_replace,
+                   help=f"fraction of steps with injected self-attention (default: {_EDIT.self_replace})")
     p.add_argument("--blend", nargs="+", metavar="WORD",
                    help="local blending on these words' cross-attention regions (P2P) "
                         "instead of the automatic mask")
@@ -500,16 +530,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-blend", action="store_true", help="no local blending (plain P2P)")
     p.add_argument("--mask-threshold", type=float, default=None, metavar="T",
                    help="automatic blend mask: threshold on the normalised prediction "
-                        "difference (default 0.5; 0.3 suits shape swaps, see README)")
+                        f"difference (default {_EDIT.noise_threshold}; 0.3 suits shape swaps, "
+                        "see docs/methods.md)")
     p.add_argument("--reweight", nargs="+", metavar="WORD=SCALE",
                    help="scale words' attention and share of the text encoding, e.g. red=1.5")
-    p.add_argument("--mode", default="auto", choices=["auto", "replace", "refine"],
+    p.add_argument("--mode", default=_EDIT.mode, choices=list(EDIT_MODES),
                    help="replace: word swap (same word count); refine: words added or "
                         "removed; auto: by word count (default)")
     p.add_argument("--protect", nargs="+", metavar="PHRASE",
                    help="phrases of the target whose appearance must not change")
-    p.add_argument("--leakage", default=None, choices=["none", "project", "replace", "both"],
-                   help="leakage control for --protect (default: replace)")
+    p.add_argument("--leakage", default=None, choices=list(LEAKAGE_MODES),
+                   help=f"leakage control for --protect (default: {_EDIT.leakage})")
     p.add_argument("--guidance", type=float, default=None,
                    help="guidance scale (default: the inversion's)")
     p.add_argument("--source", metavar="SRC.png", help="also write the reconstruction")
@@ -526,13 +557,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("manifest", metavar="MANIFEST", type=Path, help=".jsonl, .yaml/.yml or .csv")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
     add_model_args(p)
-    p.add_argument("--method", default=None,
-                   choices=["null-text", "negative-prompt", "direct", "ddim"],
-                   help="inversion method for items that do not set one (default: null-text)")
-    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: 50)")
-    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: 7.5)")
+    p.add_argument("--method", default=None, choices=list(METHODS),
+                   help=f"inversion method for items that do not set one (default: {_INV.method})")
+    p.add_argument("--steps", type=int, default=None, help=f"DDIM steps (default: {_INV.steps})")
+    p.add_argument("--guidance", type=float, default=None,
+                   help=f"guidance scale (default: {_INV.guidance})")
     p.add_argument("--num-inner-steps", type=int, default=None,
-                   help="null-text optimisation steps per timestep (default: 10)")
+                   help=f"null-text optimisation steps per timestep (default: {_INV.num_inner_steps})")
     p.add_argument("--no-reconstruction", action="store_true",
                    help="do not write OUT/<id>/reconstruction.png")
     p.add_argument("--no-cache", action="store_true", help="do not read or write OUT/.cache")

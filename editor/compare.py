@@ -42,22 +42,18 @@ from tqdm.auto import tqdm
 
 from . import metrics as M
 from . import scenes
-from .batch import (
-    CACHE_DIR,
-    atomic_save_image,
-    atomic_write_bytes,
-    cache_key,
-    read_manifest,
-    slugify,
-)
-from .images import image_hash, load_image
+from .cache import CACHE_DIR, InversionCache
+from .fileio import atomic_save_image, atomic_write_bytes, slugify
+from .images import load_image
+from .manifest import read_manifest
+from .options import EditOptions, InvertOptions
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .inversion import Inversion
-    from .model import Editor
+    from .facade import Editor
 
+#: The methods a default comparison runs, in column order.
 METHODS = ("ddim", "null-text", "negative-prompt", "direct")
-INVERSION_OPTIONS = ("method", "steps", "guidance", "num_inner_steps", "early_stop_epsilon", "max_pixels")
+INVERSION_OPTIONS = InvertOptions.names()
 PIE_SIZE = (512, 512)
 #: Prompt-to-Prompt settings of PIE-Bench's published runs (PnPInversion, run_editing_p2p.py)
 PIE_P2P = {"cross_replace": 0.4, "self_replace": 0.6}
@@ -72,15 +68,31 @@ SHAPES_BENCH_STEPS = 20
 
 @dataclass
 class Config:
-    """One column of the comparison: how to invert and how to edit."""
+    """One column of the comparison: how to invert and how to edit (both validated when
+    the configuration is made: :class:`~editor.options.InvertOptions` and
+    :class:`~editor.options.EditOptions` fields)."""
 
     name: str
     method: str = "null-text"
     invert: dict[str, Any] = field(default_factory=dict)  # steps, guidance, num_inner_steps...
-    edit: dict[str, Any] = field(default_factory=dict)  # any keyword of editor.edit
+    edit: dict[str, Any] = field(default_factory=dict)  # EditOptions fields
+
+    def __post_init__(self) -> None:
+        try:
+            self.invert_options()
+            EditOptions.from_mapping(self.edit)
+        except ValueError as exc:
+            raise ValueError(f"configuration {self.name!r}: {exc}") from None
 
     def inversion_options(self) -> dict[str, Any]:
         return {"method": self.method, **self.invert}
+
+    def invert_options(self) -> InvertOptions:
+        return InvertOptions.from_mapping(self.inversion_options())
+
+    def edit_options(self, case_options: dict[str, Any] | None = None) -> EditOptions:
+        """This configuration's edit options over a case's own (PIE-Bench blend words...)."""
+        return EditOptions.from_mapping({**(case_options or {}), **self.edit})
 
 
 def _scalar(text: str) -> Any:
@@ -378,49 +390,6 @@ def _error_text(exc: BaseException) -> str:
     return str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
 
 
-def _invert_all(
-    editor: Editor, cases: list[Case], options: dict[str, Any], cache_dir: Path | None, progress: bool,
-) -> dict[str, Inversion | BaseException]:
-    """Invert every case with ``options``: disk cache first, then one batched run for the rest
-    (each case alone if the batch is refused, so one bad case does not sink the others)."""
-    from .inversion import Inversion
-
-    out: dict[str, Inversion | BaseException] = {}
-    todo: list[tuple[Case, Path | None]] = []
-    for c in cases:
-        key = cache_key(image_hash(c.image), c.prompt, editor.fingerprint, options)
-        path = cache_dir / f"{key}.safetensors" if cache_dir is not None else None
-        if path is not None and path.is_file():
-            try:
-                out[c.id] = Inversion.load(path)
-                continue
-            except ValueError:
-                pass
-        todo.append((c, path))
-
-    def store(c: Case, path: Path | None, inv: Inversion) -> None:
-        out[c.id] = inv
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            inv.save(path)
-
-    if not todo:
-        return out
-    try:
-        invs = editor.invert_batch([c.image for c, _ in todo], [c.prompt for c, _ in todo],
-                                   progress=progress, **options)
-        for (c, path), inv in zip(todo, invs, strict=True):
-            store(c, path, inv)
-    except Exception:  # noqa: BLE001 - retry one by one to isolate the culprit
-        for c, path in todo:
-            try:
-                store(c, path, editor.invert_batch([c.image], [c.prompt], progress=progress,
-                                                   **options)[0])
-            except Exception as exc:  # noqa: BLE001
-                out[c.id] = exc
-    return out
-
-
 @dataclass
 class CompareReport:
     configs: list[Config]
@@ -450,7 +419,7 @@ def run_compare(
     t_start = time.perf_counter()
     out = Path(out_dir)
     (out / "raw").mkdir(parents=True, exist_ok=True)
-    cache = out / CACHE_DIR if use_cache else None
+    cache = InversionCache(out / CACHE_DIR if use_cache else None)
     inversions: dict[str, dict[str, Any]] = {}
     rows: list[Row] = []
     sources: dict[tuple[str, str], Image.Image] = {}
@@ -459,7 +428,8 @@ def run_compare(
         ikey = json.dumps(cfg.inversion_options(), sort_keys=True)
         if ikey not in inversions:
             bar.set_postfix_str(f"inverting ({cfg.method})")
-            inversions[ikey] = _invert_all(editor, cases, cfg.inversion_options(), cache, progress)
+            inversions[ikey] = cache.get_many(editor, [(c.id, c.image, c.prompt) for c in cases],
+                                              cfg.invert_options(), progress=progress)
         raw = out / "raw" / slugify(cfg.name)
         raw.mkdir(parents=True, exist_ok=True)
         for case in cases:
@@ -470,11 +440,11 @@ def run_compare(
                 if isinstance(inv, BaseException):
                     raise inv
                 row.values["invert_s"] = float(inv.stats.get("seconds", math.nan))
-                opts = {**case.edit_options, **cfg.edit}
-                if case.protect and "protect" not in opts:
-                    opts["protect"] = [case.protect]
+                opts = cfg.edit_options(case.edit_options)
+                if case.protect and "protect" not in cfg.edit and "protect" not in case.edit_options:
+                    opts = opts.replace(protect=[case.protect])
                 t0 = time.perf_counter()
-                res = editor.edit(inv, case.target, progress=False, **opts)
+                res = editor.edit(inv, case.target, opts, progress=False)
                 row.values["edit_s"] = time.perf_counter() - t0
                 edited = res if isinstance(res, Image.Image) else res.image
                 src = getattr(res, "source", None)

@@ -11,7 +11,7 @@ tokens as rows), so they work for any batch size, token count and width.
   to the same token positions.
 
 :func:`protect_embeddings` ties them to prompts. Choices (measured on the
-bundled model with ``tools/measure_leakage.py``; tables in the README's
+bundled model with ``tools/measure_leakage.py``; tables in ``docs/measurements.md``,
 "Leakage controls" section):
 
 - Undesired directions for projection: the rows of the *edited* words (target
@@ -29,19 +29,21 @@ bundled model with ``tools/measure_leakage.py``; tables in the README's
 
 from __future__ import annotations
 
-import difflib
-import re
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .model import Editor
+from . import prompts as P
+from .options import LEAKAGE_MODES
+from .plan import ProtectPlan, ReweightStep, plan_protection
 
-MODES = ("none", "project", "replace", "both")
+if TYPE_CHECKING:  # pragma: no cover
+    from .model import Model
+
+MODES = LEAKAGE_MODES
 ROWS = ("item", "item+end")
-_WORD = re.compile(r"[0-9a-z]", re.IGNORECASE)
+Encode = Callable[[list[str]], torch.Tensor]
 
 
 # -- pure tensor functions -----------------------------------------------------------------------
@@ -120,16 +122,7 @@ def _check_positions(pos: Sequence[int], length: int, what: str) -> list[int]:
     return out
 
 
-# -- words to token positions --------------------------------------------------------------------
-
-
-def _tokens(tokenizer, text: str) -> tuple[list[int], list[bool]]:
-    """Token ids with BOS/EOS (no padding) and, per token, whether it holds a letter or digit."""
-    ids = list(tokenizer(text).input_ids)
-    toks = tokenizer.convert_ids_to_tokens(ids)
-    words = [bool(_WORD.search(t.replace("</w>", ""))) for t in toks]
-    words[0] = words[-1] = False  # BOS / EOS
-    return ids, words
+# -- words to token positions (tokenizer wrappers over editor.prompts.PromptTokens) -------------
 
 
 def find_phrase(tokenizer, prompt: str, phrase: str) -> list[list[int]]:
@@ -141,41 +134,22 @@ def find_phrase(tokenizer, prompt: str, phrase: str) -> list[list[int]]:
     """
     if not isinstance(phrase, str) or not phrase.strip():
         raise ValueError("protected phrase is empty")
-    p_ids, p_word = _tokens(tokenizer, prompt)
-    q_ids, q_word = _tokens(tokenizer, phrase)
-    needle = [i for i, w in zip(q_ids, q_word, strict=True) if w]
-    if not needle:
-        raise ValueError(f"protected phrase {phrase!r} has no words")
-    hay = [(pos, i) for pos, (i, w) in enumerate(zip(p_ids, p_word, strict=True)) if w]
-    spans = []
-    for s in range(len(hay) - len(needle) + 1):
-        if [i for _, i in hay[s : s + len(needle)]] == needle:
-            spans.append(list(range(hay[s][0], hay[s + len(needle) - 1][0] + 1)))
-    if not spans:
-        raise ValueError(f"protected phrase {phrase!r} is not in the prompt {prompt!r}")
-    return spans
+    return P.tokenize(tokenizer, prompt).phrase_spans(P.tokenize(tokenizer, phrase))
 
 
 def end_positions(tokenizer, prompt: str, length: int) -> list[int]:
     """Rows of the EOS token and the padding after it (``length`` = rows of the encoding)."""
-    n = len(tokenizer(prompt).input_ids)
-    return list(range(min(n, length) - 1, length))
+    return P.tokenize(tokenizer, prompt).end_positions(length)
 
 
 def word_positions(tokenizer, prompt: str) -> list[int]:
     """Rows of the prompt's word tokens (no BOS, EOS, padding or punctuation)."""
-    _, words = _tokens(tokenizer, prompt)
-    return [i for i, w in enumerate(words) if w]
+    return P.tokenize(tokenizer, prompt).word_positions()
 
 
 def edited_positions(tokenizer, prompt: str, source_prompt: str) -> list[int]:
     """Word rows of ``prompt`` whose tokens are not matched in ``source_prompt`` (the edited words)."""
-    p_ids, p_word = _tokens(tokenizer, prompt)
-    s_ids, _ = _tokens(tokenizer, source_prompt)
-    same: set[int] = set()
-    for blk in difflib.SequenceMatcher(None, s_ids, p_ids, autojunk=False).get_matching_blocks():
-        same.update(range(blk.b, blk.b + blk.size))
-    return [i for i, w in enumerate(p_word) if w and i not in same]
+    return P.tokenize(tokenizer, prompt).edited_positions(P.tokenize(tokenizer, source_prompt))
 
 
 def undesired_rows(
@@ -188,24 +162,63 @@ def undesired_rows(
     center: bool = True,
 ) -> torch.Tensor:
     """The rows whose directions projection removes (``... x k x d``); see the module docstring."""
-    words = word_positions(tokenizer, prompt)
+    pt = P.tokenize(tokenizer, prompt)
+    words = pt.word_positions()
     prot = set(protected)
     idx: list[int] = []
     if source_prompt is not None:
-        idx = [i for i in edited_positions(tokenizer, prompt, source_prompt) if i not in prot]
+        idx = [i for i in pt.edited_positions(P.tokenize(tokenizer, source_prompt))
+               if i not in prot]
     if not idx:
         idx = [i for i in words if i not in prot]
+    return _centred(x, idx, words, center)
+
+
+def _centred(x: torch.Tensor, idx: list[int], words: list[int], center: bool) -> torch.Tensor:
     rows = x[..., idx, :].float()
     if center and words:
         rows = rows - x[..., words, :].float().mean(dim=-2, keepdim=True)
     return rows
 
 
-# -- the control as the engine uses it -----------------------------------------------------------
+# -- the controls as the engine uses them -------------------------------------------------------
+
+
+def _check_control(mode: str, rows: str, strength: float) -> None:
+    if mode not in MODES:
+        raise ValueError(f"unknown leakage mode {mode!r}; use one of {', '.join(MODES)}")
+    if rows not in ROWS:
+        raise ValueError(f"unknown rows {rows!r}; use one of {', '.join(ROWS)}")
+    if not 0.0 <= float(strength) <= 1.0:
+        raise ValueError(f"strength must be in [0, 1], got {strength}")
+
+
+def apply_protection(encode: Encode, emb: torch.Tensor, plan: ProtectPlan, *, mode: str,
+                     strength: float = 1.0, rows: str = "item", center: bool = True
+                     ) -> torch.Tensor:
+    """Apply a leakage control to ``emb`` (the encoding of ``plan.prompt``, ``[B x] L x D``);
+    ``encode`` encodes the phrases alone (the model's text encoder)."""
+    _check_control(mode, rows, strength)
+    if mode == "none" or not plan.phrases:
+        return emb
+    touched = plan.item + (plan.end if rows == "item+end" else [])
+    out = emb
+    if mode in ("replace", "both"):
+        for phrase, spans, a_span in zip(plan.phrases, plan.spans, plan.alone, strict=True):
+            alone = encode([phrase])[0].to(emb.device)
+            for s in spans:
+                out = replace_rows(out, s, alone, a_span)
+        if rows == "item+end":
+            alone = encode([plan.joined])[0].to(emb.device)
+            out = replace_rows(out, plan.end[: len(plan.joined_end)], alone, plan.joined_end)
+    if mode in ("project", "both"):
+        bad = _centred(emb, plan.undesired, plan.words, center)
+        out = project_out(out, touched, projection_matrix(bad), strength)
+    return out
 
 
 def protect_embeddings(
-    editor: Editor,
+    model: Model,
     prompt: str,
     emb: torch.Tensor,
     *,
@@ -224,35 +237,52 @@ def protect_embeddings(
     taken from the phrases encoded alone); ``"both"`` (replace, then project).
     ``source_prompt`` (editing) makes the undesired directions the edited words.
     """
-    if mode not in MODES:
-        raise ValueError(f"unknown leakage mode {mode!r}; use one of {', '.join(MODES)}")
-    if rows not in ROWS:
-        raise ValueError(f"unknown rows {rows!r}; use one of {', '.join(ROWS)}")
-    if not 0.0 <= float(strength) <= 1.0:
-        raise ValueError(f"strength must be in [0, 1], got {strength}")
+    _check_control(mode, rows, strength)
     if isinstance(protect, str):
         protect = [protect]
     phrases = [" ".join(p.split()) for p in (protect or [])]
     if mode == "none" or not phrases:
         return emb
-    tok = editor.pipe.tokenizer
-    spans = {p: find_phrase(tok, prompt, p) for p in phrases}
-    item = sorted({i for ss in spans.values() for s in ss for i in s})
-    end = end_positions(tok, prompt, emb.shape[-2])
-    touched = item + (end if rows == "item+end" else [])
-    out = emb
-    if mode in ("replace", "both"):
-        for p, ss in spans.items():
-            alone = editor.encode_text([p])[0].to(emb.device)
-            a_span = find_phrase(tok, p, p)[0]
-            for s in ss:
-                out = replace_rows(out, s, alone, a_span)
-        if rows == "item+end":
-            joined = " and ".join(phrases)
-            alone = editor.encode_text([joined])[0].to(emb.device)
-            a_end = end_positions(tok, joined, alone.shape[-2])[: len(end)]
-            out = replace_rows(out, end[: len(a_end)], alone, a_end)
-    if mode in ("project", "both"):
-        bad = undesired_rows(emb, tok, prompt, item, source_prompt, center=center)
-        out = project_out(out, touched, projection_matrix(bad), strength)
-    return out
+    plan = plan_protection(model.pipe.tokenizer, prompt, phrases, emb.shape[-2], source_prompt)
+    return apply_protection(model.encode_text, emb, plan, mode=mode, strength=strength,
+                            rows=rows, center=center)
+
+
+# -- reweighting a word's share of the text encoding ---------------------------------------------
+
+
+@torch.no_grad()
+def reweight_rows(encode: Encode, emb: torch.Tensor, steps: Sequence[ReweightStep]) -> torch.Tensor:
+    """Scale words' contribution to the whole text encoding (``L x D``), rows aligned by tokens.
+
+    ``X_s = X_without + s (X - X_without)`` with ``s`` clipped to ``[0, 1]``,
+    ``X_without`` = the prompt encoded without the word, its rows aligned to the prompt's
+    by :func:`editor.prompts.refine_mapper` (the word's own rows keep ``X``; their
+    attention is scaled by the P2P equalizer with the unclipped factor). A causal text
+    encoder writes every word into all later rows, end and padding rows included; on the
+    bundled model those carry most of the attention, so attention column scaling alone
+    hardly changes the image (docs/methods.md). The encoding is interpolated, never
+    extrapolated: ``s > 1`` leaves the encoder's output range, and on the bundled model
+    it turned triangles into circles and squares and added blobs.
+    """
+    out = emb.float().clone()
+    for st in steps:
+        x_wo = encode([st.rest])[0].float().to(out.device)
+        base = x_wo[st.index.to(out.device)]
+        keep = (st.alpha > 0).to(out.device)[:, None]
+        s = min(max(float(st.scale), 0.0), 1.0)
+        out = torch.where(keep, base + s * (out - base), out)
+    return out.to(emb.dtype)
+
+
+def reweight_embedding(model: Model, prompt: str, emb: torch.Tensor,
+                       reweight: Mapping[str, float]) -> torch.Tensor:
+    """:func:`reweight_rows` for ``prompt``'s words in ``reweight`` (``{word: scale}``)."""
+    tok = model.pipe.tokenizer
+    pt = P.tokenize(tok, prompt)
+    steps = []
+    for word, scale in reweight.items():
+        rest = P.without_word(prompt, word)
+        index, alpha = P.refine_mapper_of(P.tokenize(tok, rest), pt, emb.shape[0])
+        steps.append(ReweightStep(word, float(scale), rest, index, alpha))
+    return reweight_rows(model.encode_text, emb, steps)

@@ -2,7 +2,7 @@
 
 Why: at batch 1 the null-text loop (Mokady et al. 2022, Algorithm 1) is bound by kernel
 launches and host syncs, not arithmetic: one run at SD 1.5 size is about 1 PFLOP, i.e.
-about 1.3 s of an H200, yet a plain bf16 loop takes 46 s there (REFERENCE section 5).
+about 1.3 s of an H200, yet a plain bf16 loop took 46 s there (docs/speed.md).
 The levers are a reduced-precision UNet with the embedding, Adam and the loss kept in
 fp32, no host syncs, CUDA graphs (one graph replay per inner step), ``torch.compile``
 and batching.
@@ -16,8 +16,7 @@ Adam, early-stop mask) and ``advance`` (move z-bar with the optimised null). The
 loop only fills buffers (kernel launches, no syncs) and calls the step functions. In
 ``static-eager`` mode they run as plain PyTorch (any device; this is what the CPU tests
 compare with :func:`editor.inversion.null_text_optimization`); in ``cuda-graph`` mode
-each is captured once per batch shape (after a few warm-up runs on a side stream, as
-``shared/bench/cudagraph_probe.py`` did) and replayed; ``compile`` runs them on
+each is captured once per batch shape (after a few warm-up runs on a side stream) and replayed; ``compile`` runs them on
 ``torch.compile(unet)``; ``compile+cuda-graph`` captures the compiled UNet's kernels.
 
 Adam: :func:`adam_masked_` is Adam (Kingma & Ba 2015, Algorithm 1) written in tensor ops
@@ -41,16 +40,33 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
-from .inversion import _alpha, ddim_inverse_update, ddim_update, resolve_sync_every
+from .ddim import alpha_at, ddim_inverse_update, ddim_update, prev_timestep
+from .model import _DTYPES
+from .options import FAST_MODES
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .model import Editor
+    from .model import Model
 
-MODES = ("static-eager", "cuda-graph", "compile", "compile+cuda-graph")
+MODES = tuple(m for m in FAST_MODES if m != "auto")
 _CUDA_ONLY = ("cuda-graph", "compile", "compile+cuda-graph")
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 STEP_NAMES = ("pivot", "cond", "inner", "advance")
+
+
+def resolve_sync_every(sync_every: int | None, device: torch.device) -> int:
+    """How often the host reads the early-stop mask: every ``k`` inner steps; 0 = never.
+
+    ``None`` picks per device: 1 on CPU (reading a CPU tensor costs nothing, and stopping
+    early skips UNet passes), 0 on CUDA. There every read drains the GPU queue while the host
+    has nothing queued behind it; with 0 all inner steps run and stopped images are only
+    masked (the result is the same, the saved passes are lost). Where early stopping fires
+    after a few inner steps (real images), a check every 2-5 steps can be cheaper than 0;
+    measure on the machine at hand.
+    """
+    if sync_every is None:
+        return 1 if device.type == "cpu" else 0
+    if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 0:
+        raise ValueError(f"sync_every must be None or an integer >= 0, got {sync_every!r}")
+    return sync_every
 
 
 def adam_masked_(param: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
@@ -127,10 +143,9 @@ class StaticNullText:
 
     def set_timestep(self, t: int, steps: int) -> None:
         """Load timestep ``t`` and the alphas of ``t`` and ``t - T/steps`` (fills, no sync)."""
-        prev = t - self.sched.config.num_train_timesteps // steps
         self.t.fill_(int(t))
-        self.a_t.fill_(float(_alpha(self.sched, t)))
-        self.a_prev.fill_(float(_alpha(self.sched, prev)))
+        self.a_t.fill_(float(alpha_at(self.sched, t)))
+        self.a_prev.fill_(float(alpha_at(self.sched, prev_timestep(self.sched, t, steps))))
 
     def begin_inner_loop(self, i: int, target: torch.Tensor, early_stop_epsilon: float | None
                          ) -> None:
@@ -152,12 +167,12 @@ class StaticNullText:
         return self.unet(x.to(self.dt), self.t, encoder_hidden_states=emb.to(self.dt)).sample.float()
 
     def _ddim(self, out: torch.Tensor) -> torch.Tensor:
-        """DDIM step t -> t - T/steps (Song et al. 2021, eq. 12), as ``inversion.ddim_step``."""
+        """DDIM step t -> t - T/steps (Song et al. 2021, eq. 12), as ``ddim.ddim_step``."""
         return ddim_update(self.sched, out, self.z, self.a_t, self.a_prev)
 
     @torch.no_grad()
     def _pivot(self) -> None:
-        """DDIM inversion step (t - T/steps) -> t, as ``inversion.ddim_inverse_step``."""
+        """DDIM inversion step (t - T/steps) -> t, as ``ddim.ddim_inverse_step``."""
         out = self._eps(self.z, self.cond)
         self.z.copy_(ddim_inverse_update(self.sched, out, self.z, self.a_t, self.a_prev))
 
@@ -284,7 +299,7 @@ class FastPath:
     - ``mode``: ``"static-eager"`` (static buffers run eagerly: any device; the CPU-testable
       twin of the graph path), ``"cuda-graph"``, ``"compile"``, ``"compile+cuda-graph"``.
     - ``dtype``: the UNet's dtype (``"bf16"``, ``"fp16"``, ...; ``None`` keeps the model's).
-      The embedding, Adam and the loss stay fp32 (fp16 optimisation diverges, REFERENCE 1).
+      The embedding, Adam and the loss stay fp32 (fp16 optimisation diverges).
       A dtype other than the model's, or ``channels_last``, works on a private copy of the
       UNet (memory: one more UNet); load the model in that dtype to avoid the copy.
     - ``compile_options``: keyword arguments of ``torch.compile``.
@@ -333,7 +348,7 @@ class FastPath:
         if self.dtype == torch.float16 and device.type == "cpu":
             raise ValueError("a float16 UNet is not supported on CPU; use bfloat16")
 
-    def unet_for(self, editor: Editor) -> torch.nn.Module:
+    def unet_for(self, editor: Model) -> torch.nn.Module:
         """The UNet this path runs: the model's own, a converted copy, compiled or not."""
         base = editor.pipe.unet
         key = id(base)
@@ -349,7 +364,7 @@ class FastPath:
             self._unets[key] = unet
         return self._unets[key]
 
-    def runner(self, editor: Editor, z0: torch.Tensor, cond: torch.Tensor, *, guidance: float,
+    def runner(self, editor: Model, z0: torch.Tensor, cond: torch.Tensor, *, guidance: float,
                early_stop: bool) -> StaticNullText:
         """The (cached) static runner for this model and the shape of ``z0`` and ``cond``."""
         self.check_device(editor.device)

@@ -1,9 +1,11 @@
-"""The :class:`Editor` facade: one loaded Stable Diffusion pipeline and the engine's verbs.
+"""The loaded model and its primitives: the bottom layer of the engine.
 
-The UI, the CLI, batch runs and comparisons all call these methods; each
-method delegates to the module that holds its concept (inversion, editing,
-embeddings). Nothing about the last image or inversion is kept here, so one
-``Editor`` can serve many users.
+:class:`Model` holds one diffusers Stable Diffusion pipeline and what every algorithm
+needs from it: text encoding and tokenizer facts, image encoding and decoding, a fresh
+DDIM scheduler from the model's own config, the UNet call, the model's fingerprint and
+the lock that serialises use of the one UNet. Every size is read from the model's
+config (never SD 1.5's). Nothing here knows about inversion or editing; the
+:class:`editor.facade.Editor` facade ties them together.
 """
 
 from __future__ import annotations
@@ -16,16 +18,13 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 
 if TYPE_CHECKING:  # pragma: no cover
     from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-    from .editing import EditResult
-    from .inversion import Inversion
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 BUNDLED = "shapes"
@@ -121,8 +120,8 @@ def resolve_model(model: str) -> tuple[str, str | None]:
 
 
 @dataclass
-class Editor:
-    """A loaded pipeline plus the engine's verbs (generate, invert, reconstruct, edit)."""
+class Model:
+    """A loaded pipeline and its primitives (see the module docstring)."""
 
     pipe: StableDiffusionPipeline
     model_id: str
@@ -139,9 +138,9 @@ class Editor:
         model: str = BUNDLED,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
-    ) -> Editor:
+    ) -> Model:
         """Load ``"shapes"`` (bundled), ``"auto"``, a hub id or a local diffusers folder."""
-        from diffusers import DDIMScheduler, StableDiffusionPipeline
+        from diffusers import StableDiffusionPipeline
 
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dt = parse_dtype(dtype, dev)
@@ -161,13 +160,23 @@ class Editor:
                 "folder (--model /path/to/sd15), or set HF_HUB_OFFLINE=1 to use the cache only, "
                 "or use --model shapes for the bundled model."
             ) from None
+        name = "shapes" if location == str(bundled_model_path()) else model
+        return cls.from_pipe(pipe, name, device=dev, notice=notice)
+
+    @classmethod
+    def from_pipe(cls, pipe: StableDiffusionPipeline, model_id: str, *,
+                  device: str | torch.device | None = None, notice: str | None = None) -> Model:
+        """Wrap an already built pipeline: DDIM scheduler from its config, progress bars off,
+        weights frozen and in eval mode, moved to ``device`` (if given)."""
+        from diffusers import DDIMScheduler
+
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
-        pipe.to(dev)
+        if device is not None:
+            pipe.to(torch.device(device))
         for m in (pipe.unet, pipe.vae, pipe.text_encoder):
             m.requires_grad_(False).eval()
-        name = "shapes" if location == str(bundled_model_path()) else model
-        return cls(pipe=pipe, model_id=name, notice=notice)
+        return cls(pipe=pipe, model_id=model_id, notice=notice)
 
     # -- model facts, all read from the model's own config -------------------------------------
 
@@ -178,6 +187,14 @@ class Editor:
     @property
     def dtype(self) -> torch.dtype:
         return self.pipe.unet.dtype
+
+    @property
+    def tokenizer(self):
+        return self.pipe.tokenizer
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        return self.pipe.unet
 
     @property
     def is_bundled(self) -> bool:
@@ -191,6 +208,12 @@ class Editor:
     def native_size(self) -> int:
         """Native image side in pixels (UNet sample size times the VAE factor)."""
         return int(self.pipe.unet.config.sample_size) * self.vae_scale_factor
+
+    @property
+    def latent_multiple(self) -> int:
+        """Image sides must be multiples of this: the VAE factor times the UNet's own
+        down-sampling (so every UNet level has whole-pixel maps)."""
+        return self.vae_scale_factor * 2 ** (len(self.pipe.unet.config.block_out_channels) - 1)
 
     @property
     def max_tokens(self) -> int:
@@ -212,6 +235,12 @@ class Editor:
         from diffusers import DDIMScheduler
 
         return DDIMScheduler.from_config(self.pipe.scheduler.config)
+
+    def timesteps(self, steps: int) -> list[int]:
+        """The timesteps a ``steps``-step DDIM run walks, from noise to image."""
+        sched = self.scheduler()
+        sched.set_timesteps(steps)
+        return [int(t) for t in sched.timesteps]
 
     # -- text ---------------------------------------------------------------------------------
 
@@ -258,72 +287,9 @@ class Editor:
         x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
         return [Image.fromarray(a) for a in x]
 
-    # -- verbs ----------------------------------------------------------------------------------
+    # -- the UNet -------------------------------------------------------------------------------
 
-    def generate(
-        self,
-        prompt: str,
-        *,
-        seed: int = 0,
-        steps: int = 50,
-        guidance: float = 7.5,
-        negative_prompt: str = "",
-        protect: list[str] | None = None,
-        leakage: str = "none",
-        height: int | None = None,
-        width: int | None = None,
-    ) -> Image.Image:
-        """Text to image with classifier-free guidance (Ho & Salimans 2022).
-
-        ``protect``/``leakage`` apply the leakage controls of :mod:`editor.embeddings`
-        to the prompt's encoder output before sampling.
-        """
-        prompt = self.check_prompt(prompt)
-        if steps < 1:
-            raise ValueError("steps must be at least 1")
-        size = self.native_size
-        emb = self.encode_text([prompt])
-        if protect and leakage != "none":
-            from .embeddings import protect_embeddings
-
-            emb = protect_embeddings(self, prompt, emb, protect=protect, mode=leakage)
-        neg = self.encode_text([self.check_prompt(negative_prompt, allow_empty=True)])
-        gen = torch.Generator("cpu").manual_seed(int(seed))
-        with self.lock:
-            out = self.pipe(
-                prompt_embeds=emb, negative_prompt_embeds=neg, num_inference_steps=steps,
-                guidance_scale=guidance, generator=gen, height=height or size, width=width or size,
-            )
-        return out.images[0]
-
-    def invert(self, image: Image.Image | str | Path, prompt: str, **kwargs: Any) -> Inversion:
-        """Invert a real image under its caption; see :func:`editor.inversion.invert`."""
-        from .inversion import invert
-
-        return invert(self, image, prompt, **kwargs)
-
-    def invert_batch(self, images: list[Image.Image | str | Path], prompts: list[str],
-                     **kwargs: Any) -> list[Inversion]:
-        """Several images, each under its caption, in one batched run; see
-        :func:`editor.inversion.invert_batch`."""
-        from .inversion import invert_batch
-
-        return invert_batch(self, images, prompts, **kwargs)
-
-    def reconstruct(self, inversion: Inversion, **kwargs: Any) -> Image.Image:
-        """Guided sampling back from an inversion with its own prompt."""
-        from .inversion import reconstruct
-
-        return reconstruct(self, inversion, **kwargs)
-
-    def edit(self, inversion: Inversion, target: str, **kwargs: Any) -> EditResult:
-        """Prompt-to-Prompt edit of an inversion; see :func:`editor.editing.edit`."""
-        from .editing import edit
-
-        return edit(self, inversion, target, **kwargs)
-
-    def edit_many(self, inversion: Inversion, targets: list[str], **kwargs: Any) -> list[EditResult]:
-        """Several targets of one inversion in one batched run."""
-        from .editing import edit_many
-
-        return edit_many(self, inversion, targets, **kwargs)
+    def eps(self, x: torch.Tensor, t, emb: torch.Tensor) -> torch.Tensor:
+        """One UNet call in the UNet's dtype; the prediction back in fp32."""
+        unet = self.pipe.unet
+        return unet(x.to(unet.dtype), t, encoder_hidden_states=emb.to(unet.dtype)).sample.float()

@@ -18,6 +18,7 @@ are positions in the padded encoder input (the start token is position 0).
 
 from __future__ import annotations
 
+import difflib
 import re
 import unicodedata
 from dataclasses import dataclass, field
@@ -82,12 +83,7 @@ def _token_char_spans(tok, prompt: str, ids: list[int]) -> list[tuple[int, int]]
 
 def word_tokens(tok, prompt: str) -> list[list[int]]:
     """Token positions (start token = 0) of each word of ``prompt``, in word order."""
-    ids = token_ids(tok, prompt)
-    spans = _token_char_spans(tok, prompt, ids)
-    out = []
-    for _, ws, we in split_words(prompt):
-        out.append([i for i, (s, e) in enumerate(spans) if e > s and s < we and e > ws])
-    return out
+    return [list(t) for t in tokenize(tok, prompt).word_tokens]
 
 
 def word_indices(tok, prompt: str, word: str) -> list[int]:
@@ -95,33 +91,146 @@ def word_indices(tok, prompt: str, word: str) -> list[int]:
 
     Matching ignores case and punctuation; raises ``ValueError`` when it is absent.
     """
-    query = words(word)
-    if not query:
-        raise ValueError(f"{word!r} contains no word (letters or digits)")
-    pw = words(prompt)
-    per_word = word_tokens(tok, prompt)
-    found: list[int] = []
-    n = len(query)
-    for k in range(len(pw) - n + 1):
-        if pw[k : k + n] == query:
-            for toks in per_word[k : k + n]:
-                found.extend(toks)
-    if not found:
-        raise ValueError(f"word {word!r} is not in the prompt {prompt!r} (its words: {', '.join(pw)})")
-    return sorted(set(found))
+    return tokenize(tok, prompt).positions(word)
 
 
-def _check_len(tok, prompt: str, max_len: int) -> list[int]:
+_LETTER = re.compile(r"[0-9a-z]", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class PromptTokens:
+    """One prompt resolved against the tokenizer, once: everything later steps need.
+
+    ``ids``: token ids with start and end tokens, unpadded; ``words``: normalised words;
+    ``word_tokens``: token positions of each word (P2P's word matching, by characters);
+    ``lettered``: per token, whether it holds a letter or digit (the leakage controls'
+    phrase matching, by token ids; ``None`` for a tokenizer without
+    ``convert_ids_to_tokens``).
+    """
+
+    text: str
+    ids: tuple[int, ...]
+    words: tuple[str, ...]
+    word_tokens: tuple[tuple[int, ...], ...]
+    lettered: tuple[bool, ...] | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def positions(self, word: str) -> list[int]:
+        """Token positions of every occurrence of ``word`` (a word or phrase; case and
+        punctuation ignored); ``ValueError`` naming the prompt's words when absent."""
+        query = words(word)
+        if not query:
+            raise ValueError(f"{word!r} contains no word (letters or digits)")
+        pw = list(self.words)
+        found: list[int] = []
+        n = len(query)
+        for k in range(len(pw) - n + 1):
+            if pw[k : k + n] == query:
+                for toks in self.word_tokens[k : k + n]:
+                    found.extend(toks)
+        if not found:
+            raise ValueError(f"word {word!r} is not in the prompt {self.text!r} "
+                             f"(its words: {', '.join(pw)})")
+        return sorted(set(found))
+
+    def has(self, word: str) -> bool:
+        try:
+            self.positions(word)
+            return True
+        except ValueError:
+            return False
+
+    # -- token-id matching (leakage controls) ------------------------------------------------
+
+    def _flags(self) -> tuple[bool, ...]:
+        if self.lettered is None:
+            raise ValueError("this tokenizer cannot name its tokens (no convert_ids_to_tokens)")
+        return self.lettered
+
+    def phrase_spans(self, phrase: PromptTokens) -> list[list[int]]:
+        """Token positions of every occurrence of ``phrase`` (tokenized alone), matching token
+        ids and ignoring punctuation tokens on both sides."""
+        needle = [i for i, w in zip(phrase.ids, phrase._flags(), strict=True) if w]
+        if not needle:
+            raise ValueError(f"protected phrase {phrase.text!r} has no words")
+        hay = [(pos, i) for pos, (i, w) in enumerate(zip(self.ids, self._flags(), strict=True))
+               if w]
+        spans = []
+        for s in range(len(hay) - len(needle) + 1):
+            if [i for _, i in hay[s : s + len(needle)]] == needle:
+                spans.append(list(range(hay[s][0], hay[s + len(needle) - 1][0] + 1)))
+        if not spans:
+            raise ValueError(f"protected phrase {phrase.text!r} is not in the prompt {self.text!r}")
+        return spans
+
+    def end_positions(self, length: int) -> list[int]:
+        """Rows of the end token and the padding after it (``length`` = rows of the encoding)."""
+        return list(range(min(len(self.ids), length) - 1, length))
+
+    def word_positions(self) -> list[int]:
+        """Rows of the word tokens (no start, end, padding or punctuation)."""
+        return [i for i, w in enumerate(self._flags()) if w]
+
+    def edited_positions(self, source: PromptTokens) -> list[int]:
+        """Word rows whose tokens are not matched in ``source`` (the edited words)."""
+        same: set[int] = set()
+        sm = difflib.SequenceMatcher(None, list(source.ids), list(self.ids), autojunk=False)
+        for blk in sm.get_matching_blocks():
+            same.update(range(blk.b, blk.b + blk.size))
+        return [i for i, w in enumerate(self._flags()) if w and i not in same]
+
+
+def tokenize(tok, prompt: str) -> PromptTokens:
+    """Resolve ``prompt`` against ``tok`` once (see :class:`PromptTokens`)."""
     ids = token_ids(tok, prompt)
-    if len(ids) > max_len:
+    spans = _token_char_spans(tok, prompt, ids)
+    per_word = []
+    for _, ws, we in split_words(prompt):
+        per_word.append(tuple(i for i, (s, e) in enumerate(spans) if e > s and s < we and e > ws))
+    lettered = None
+    if hasattr(tok, "convert_ids_to_tokens"):
+        names = tok.convert_ids_to_tokens(ids)
+        flags = [bool(_LETTER.search(t.replace("</w>", ""))) for t in names]
+        flags[0] = flags[-1] = False  # start / end tokens
+        lettered = tuple(flags)
+    return PromptTokens(prompt, tuple(ids), tuple(words(prompt)), tuple(per_word), lettered)
+
+
+def without_word(prompt: str, word: str) -> str:
+    """``prompt`` with every occurrence of ``word`` (a word or phrase, any case) removed."""
+    spans = split_words(prompt)
+    query = words(word)
+    n = len(query)
+    cut: list[tuple[int, int]] = []
+    for k in range(len(spans) - n + 1):
+        if [w_ for w_, _, _ in spans[k : k + n]] == query:
+            cut.append((spans[k][1], spans[k + n - 1][2]))
+    out, pos = [], 0
+    for a, b in cut:
+        out.append(prompt[pos:a])
+        pos = b
+    out.append(prompt[pos:])
+    return " ".join("".join(out).split())
+
+
+def check_length(pt: PromptTokens, max_len: int) -> list[int]:
+    """The prompt's ids, or ``ValueError`` when they do not fit the encoder's window."""
+    if len(pt.ids) > max_len:
         raise ValueError(
-            f"prompt {prompt!r} is too long: {len(ids)} tokens, the text encoder takes at most "
-            f"{max_len} (including start and end tokens)"
+            f"prompt {pt.text!r} is too long: {len(pt.ids)} tokens, the text encoder takes at "
+            f"most {max_len} (including start and end tokens)"
         )
-    return ids
+    return list(pt.ids)
 
 
 def replace_mapper(tok, src: str, tgt: str, max_len: int) -> torch.Tensor:
+    """Word-swap mapper for two prompts; see :func:`replace_mapper_of`."""
+    return replace_mapper_of(tokenize(tok, src), tokenize(tok, tgt), max_len)
+
+
+def replace_mapper_of(src: PromptTokens, tgt: PromptTokens, max_len: int) -> torch.Tensor:
     """Word-swap mapper ``M`` (``max_len x max_len``): ``attn_tgt[..., j] = sum_i attn_src[..., i] M[i, j]``.
 
     Source and target must have the same number of words. Each word pair (and each
@@ -129,17 +238,16 @@ def replace_mapper(tok, src: str, tgt: str, max_len: int) -> torch.Tensor:
     a block; equal-length blocks map one to one, otherwise every target token of the
     block gets ``1/n`` (n = its target token count) of the block's source attention.
     """
-    sw, tw = words(src), words(tgt)
+    sw, tw = src.words, tgt.words
     if len(sw) != len(tw):
         raise ValueError(
             f"a replace edit needs the same number of words in source and target "
-            f"({len(sw)} in {src!r}, {len(tw)} in {tgt!r}); mode='refine' (or 'auto') handles "
-            "added or removed words"
+            f"({len(sw)} in {src.text!r}, {len(tw)} in {tgt.text!r}); mode='refine' (or 'auto') "
+            "handles added or removed words"
         )
-    src_ids, tgt_ids = _check_len(tok, src, max_len), _check_len(tok, tgt, max_len)
-    src_blocks, tgt_blocks = _blocks(tok, src, src_ids), _blocks(tok, tgt, tgt_ids)
+    src_ids, tgt_ids = check_length(src, max_len), check_length(tgt, max_len)
     m = torch.zeros(max_len, max_len)
-    for s, t in zip(src_blocks, tgt_blocks, strict=True):
+    for s, t in zip(_blocks(src), _blocks(tgt), strict=True):
         if not s or not t:
             continue  # punctuation present on one side only: nothing to map
         if len(s) == len(t):
@@ -155,17 +263,16 @@ def replace_mapper(tok, src: str, tgt: str, max_len: int) -> torch.Tensor:
     return m
 
 
-def _blocks(tok, prompt: str, ids: list[int]) -> list[list[int]]:
+def _blocks(pt: PromptTokens) -> list[list[int]]:
     """[start token], then per word: [punctuation before it], [its tokens]; then [trailing punctuation]."""
-    per_word = word_tokens(tok, prompt)
     blocks: list[list[int]] = [[0]]
     pos = 1
-    for toks in per_word:
+    for toks in pt.word_tokens:
         first = toks[0] if toks else pos
         blocks.append(list(range(pos, first)))
-        blocks.append(toks)
+        blocks.append(list(toks))
         pos = (toks[-1] + 1) if toks else pos
-    blocks.append(list(range(pos, len(ids) - 1)))
+    blocks.append(list(range(pos, len(pt.ids) - 1)))
     return blocks
 
 
@@ -198,13 +305,19 @@ def global_alignment(x: list[int], y: list[int]) -> list[int]:
 
 
 def refine_mapper(tok, src: str, tgt: str, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Refinement mapper for two prompts; see :func:`refine_mapper_of`."""
+    return refine_mapper_of(tokenize(tok, src), tokenize(tok, tgt), max_len)
+
+
+def refine_mapper_of(src: PromptTokens, tgt: PromptTokens, max_len: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Refinement mapper (P2P "refine"): ``(index, alpha)``, both of length ``max_len``.
 
     ``attn_tgt[..., j] = alpha[j] * attn_src[..., index[j]] + (1 - alpha[j]) * attn_tgt[..., j]``;
     ``alpha[j] = 0`` for target tokens with no match in the source (new words).
     End and padding tokens map in order.
     """
-    x, y = _check_len(tok, src, max_len), _check_len(tok, tgt, max_len)
+    x, y = check_length(src, max_len), check_length(tgt, max_len)
     align = global_alignment(x, y)
     index = torch.zeros(max_len, dtype=torch.long)
     alpha = torch.ones(max_len)
@@ -234,7 +347,7 @@ def detect_mode(src: str, tgt: str, mode: str = "auto") -> str:
 
 
 @dataclass
-class EditPlan:
+class TargetPlan:
     """How one target prompt relates to the source prompt.
 
     ``mapper`` (``L x L``) moves source attention columns to target columns;
@@ -250,29 +363,38 @@ class EditPlan:
     alpha: torch.Tensor
     changed_source: list[str] = field(default_factory=list)
     changed_target: list[str] = field(default_factory=list)
+    tokens: PromptTokens | None = None
 
 
-def plan_edit(tok, src: str, tgt: str, mode: str = "auto", max_len: int | None = None) -> EditPlan:
+#: Older name of :class:`TargetPlan`.
+EditPlan = TargetPlan
+
+
+def plan_edit(tok, src: str, tgt: str, mode: str = "auto", max_len: int | None = None) -> TargetPlan:
     """Mapper, token alphas and changed words for editing ``src`` into ``tgt``."""
     max_len = int(max_len or tok.model_max_length)
-    mode = detect_mode(src, tgt, mode)
-    sw, tw = words(src), words(tgt)
+    return plan_target(tokenize(tok, src), tokenize(tok, tgt), mode, max_len)
+
+
+def plan_target(src: PromptTokens, tgt: PromptTokens, mode: str, max_len: int) -> TargetPlan:
+    """:func:`plan_edit` on prompts already resolved."""
+    mode = detect_mode(src.text, tgt.text, mode)
+    sw, tw = src.words, tgt.words
     if mode == "replace":
-        mapper = replace_mapper(tok, src, tgt, max_len)
+        mapper = replace_mapper_of(src, tgt, max_len)
         alpha = torch.ones(max_len)
         pairs = [(a, b) for a, b in zip(sw, tw, strict=True) if a != b]
         changed_s, changed_t = [a for a, _ in pairs], [b for _, b in pairs]
     else:
-        index, alpha = refine_mapper(tok, src, tgt, max_len)
+        index, alpha = refine_mapper_of(src, tgt, max_len)
         mapper = mapper_matrix(index, alpha)
-        y = token_ids(tok, tgt)
-        new_tok = {j for j in range(len(y)) if alpha[j] == 0}
-        changed_t = [w for w, toks in zip(tw, word_tokens(tok, tgt), strict=True)
-                     if set(toks) & new_tok]
-        used = {int(index[j]) for j in range(len(y)) if alpha[j] > 0}
-        changed_s = [w for w, toks in zip(sw, word_tokens(tok, src), strict=True)
+        new_tok = {j for j in range(len(tgt.ids)) if alpha[j] == 0}
+        changed_t = [w for w, toks in zip(tw, tgt.word_tokens, strict=True) if set(toks) & new_tok]
+        used = {int(index[j]) for j in range(len(tgt.ids)) if alpha[j] > 0}
+        changed_s = [w for w, toks in zip(sw, src.word_tokens, strict=True)
                      if toks and not set(toks) & used]
-    return EditPlan(src, tgt, mode, mapper, alpha, _unique(changed_s), _unique(changed_t))
+    return TargetPlan(src.text, tgt.text, mode, mapper, alpha, _unique(changed_s),
+                      _unique(changed_t), tgt)
 
 
 def _unique(xs: list[str]) -> list[str]:

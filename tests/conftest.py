@@ -9,8 +9,7 @@ from types import ModuleType
 
 import pytest
 
-from editor import scenes
-from editor.model import Editor
+from editor import Editor, scenes
 
 ROOT = Path(__file__).resolve().parents[1]
 

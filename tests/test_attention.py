@@ -11,11 +11,11 @@ from editor.attention import (
     AttentionStore,
     ControlledAttnProcessor,
     LayerInfo,
-    LocalBlend,
     PromptToPrompt,
     attention_control,
     describe_layers,
 )
+from editor.blending import LocalBlend
 
 
 @pytest.fixture(scope="module")

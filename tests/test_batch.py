@@ -36,6 +36,12 @@ class FakeResult:
     image: Image.Image
 
 
+def given(options) -> tuple:
+    """The options' fields that differ from their defaults, sorted (what a caller set)."""
+    default = type(options)().to_dict()
+    return tuple(sorted((k, v) for k, v in options.to_dict().items() if v != default[k]))
+
+
 class FakeEditor:
     """Same verbs as ``Editor``; images are solid colours derived from the target text."""
 
@@ -45,11 +51,11 @@ class FakeEditor:
     def __init__(self):
         self.calls: list[tuple] = []
 
-    def invert(self, image, prompt, **opts):
+    def invert(self, image, prompt, options, progress=True):
         if "unreadable" in prompt:
             raise ValueError("prompt is too long: 99 tokens")
-        self.calls.append(("invert", prompt, tuple(sorted(opts.items()))))
-        return Inversion(prompt=prompt, method=opts.get("method", "null-text"), steps=opts.get("steps", 50),
+        self.calls.append(("invert", prompt, given(options)))
+        return Inversion(prompt=prompt, method=options.method, steps=options.steps,
                          guidance=7.5, z_T=torch.zeros(1, 4, 2, 2), uncond=torch.zeros(1, 3, 2),
                          timesteps=[1], image_size=image.size, model_id=self.model_id,
                          model_fingerprint=self.fingerprint, image_hash=image_hash(image))
@@ -64,12 +70,12 @@ class FakeEditor:
         rgb = tuple(hashlib.sha256(target.encode()).digest()[:3])
         return Image.new("RGB", (8, 8), rgb)
 
-    def edit(self, inv, target, **opts):
-        self.calls.append(("edit", target, tuple(sorted(opts.items()))))
+    def edit(self, inv, target, options):
+        self.calls.append(("edit", target, given(options)))
         return FakeResult(self._img(target))
 
-    def edit_many(self, inv, targets, **opts):
-        self.calls.append(("edit_many", tuple(targets), tuple(sorted(opts.items()))))
+    def edit_many(self, inv, targets, options):
+        self.calls.append(("edit_many", tuple(targets), given(options)))
         return [FakeResult(self._img(t)) for t in targets]
 
     def count(self, verb):
@@ -367,3 +373,39 @@ def test_kill_9_then_resume(tmp_path):
         for rel in r["outputs"] + [r["reconstruction"]]:
             assert batch.is_complete_image(out / rel), rel
     assert not list(out.rglob("*.tmp"))
+
+
+# -- options are validated when the manifest is read (before any model loads) ---------------------
+
+
+@pytest.mark.parametrize("row, reason", [
+    ({"edits": [{"target": "t", "cross_replce": 0.5}]}, "unknown edit option 'cross_replce'"),
+    ({"edits": ["t"], "inversion": {"inner": 3}}, "unknown inversion option 'inner'"),
+    ({"edits": ["t"], "steps": -1}, "steps must be an integer in 1..1000, got -1"),
+    ({"edits": ["t"], "inversion": {"guidance": float("nan")}}, "guidance must be a finite number"),
+    ({"edits": [{"target": "t", "cross_replace": 1.5}]}, "cross_replace must lie in [0, 1]"),
+    ({"edits": [{"target": "t", "guidance": float("inf")}]}, "guidance must be a finite number"),
+    ({"edits": [{"target": "t", "reweight": {"red": 1e30}}]}, "reweight factor for 'red'"),
+    ({"edits": ["t"], "num_inner_steps": 2.5}, "num_inner_steps must be an integer"),
+])
+def test_dry_run_refuses_bad_options_before_loading_a_model(images, tmp_path, capsys,
+                                                            monkeypatch, row, reason):
+    def no_model(args):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr("editor.cli.load_editor", no_model)
+    good = json.dumps({"image": "a.png", "prompt": "p", "edits": ["t"]})
+    bad = json.dumps({"image": "b.png", "prompt": "p", **row})  # json writes NaN / Infinity
+    m = _write(images / "m.jsonl", good + "\n" + bad + "\n")
+    assert cli_main(["batch", str(m), "--out", str(tmp_path / "o"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert f"{m}:2: " in err and reason in err, err
+    assert cli_main(["batch", str(m), "--out", str(tmp_path / "o")]) == 2  # the real run too
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_command_line_defaults_fail_before_loading(images, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("editor.cli.load_editor", lambda args: pytest.fail("model loaded"))
+    m = _write(images / "m.jsonl", json.dumps({"image": "a.png", "prompt": "p", "edits": ["t"]}))
+    assert cli_main(["batch", str(m), "--out", str(tmp_path / "o"), "--steps", "0"]) == 2
+    assert "steps must be an integer in 1..1000" in capsys.readouterr().err

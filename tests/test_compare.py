@@ -141,38 +141,43 @@ class FakeResult:
     source: Image.Image
 
 
+#: The stub's behaviour, chosen by the configuration's ``cross_replace`` (a real option, so
+#: configurations stay valid): the ground truth, the source unchanged, or a refusal.
+TRUTH, SOURCE, REFUSE = 0.1, 0.2, 0.3
+
+
 class FakeEditor:
-    """Inverts by remembering the image; ``behaviour`` picks what an "edit" returns."""
+    """Inverts by remembering the image; ``cross_replace`` picks what an "edit" returns."""
 
     model_id, fingerprint, native_size = "fake", "0" * 16, 64
 
     def __init__(self, truth: dict[str, Image.Image]):
         self.truth, self.images, self.batches = truth, {}, []
 
-    def invert_batch(self, images, prompts, progress=True, **opts):
+    def invert_batch(self, images, prompts, options, progress=True):
         self.batches.append(len(images))
         out = []
         for img in images:
             self.images[image_hash(img)] = img
-            out.append(Inversion(prompt=prompts[0], method=opts["method"], steps=1, guidance=7.5,
+            out.append(Inversion(prompt=prompts[0], method=options.method, steps=1, guidance=7.5,
                                  z_T=torch.zeros(1, 1, 1, 1), uncond=torch.zeros(1, 1, 1), timesteps=[1],
                                  image_size=img.size, model_id="fake", model_fingerprint=self.fingerprint,
                                  image_hash=image_hash(img), stats={"seconds": 0.5}))
         return out
 
-    def edit(self, inv, target, *, behaviour="truth", progress=True, protect=None, **opts):
+    def edit(self, inv, target, options, progress=True):
         src = self.images[inv.image_hash]
-        if behaviour == "refuse":
+        if options.cross_replace == REFUSE:
             raise ValueError("refused on purpose")
-        return FakeResult(self.truth[target] if behaviour == "truth" else src, src)
+        return FakeResult(self.truth[target] if options.cross_replace == TRUTH else src, src)
 
 
 def test_run_compare_metrics_tables_and_grid(tmp_path):
     cases = C.shapes_bench(1, seed=1)
     fake = FakeEditor({c.target: c.ground_truth for c in cases})
-    configs = [C.Config("perfect", "ddim", edit={"behaviour": "truth"}),
-               C.Config("no-op", "ddim", edit={"behaviour": "source"}),
-               C.Config("broken", "direct", edit={"behaviour": "refuse"})]
+    configs = [C.Config("perfect", "ddim", edit={"cross_replace": TRUTH}),
+               C.Config("no-op", "ddim", edit={"cross_replace": SOURCE}),
+               C.Config("broken", "direct", edit={"cross_replace": REFUSE})]
     rep = C.run_compare(fake, cases, configs, tmp_path, progress=False)
     assert fake.batches == [3, 3]  # one batched inversion per distinct inversion setting
     summ = {s["config"]: s for s in rep.summary()}
@@ -223,8 +228,8 @@ def test_cli_compare_manifest_with_custom_configs(tmp_path, capsys, monkeypatch)
         {"id": c.id, "image": f"{c.id}.png", "prompt": c.prompt, "edits": [c.target]}) for c in cases[:2]))
     monkeypatch.setattr("editor.cli.load_editor", lambda args: FakeEditor({}))
     rc = cli_main(["compare", "--manifest", str(tmp_path / "m.jsonl"), "--out", str(tmp_path / "o"),
-                   "--config", "same:method=ddim,behaviour=source",
-                   "--config", "bad:method=direct,behaviour=refuse"])
+                   "--config", f"same:method=ddim,cross_replace={SOURCE}",
+                   "--config", f"bad:method=direct,cross_replace={REFUSE}"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "| same |" in printed and "| bad (2 failed) |" in printed

@@ -13,10 +13,19 @@ import numpy as np
 import pytest
 import torch
 
-from editor import scenes
-from editor.editing import EditCancelled, EditResult, reweight_embedding, without_word
+from editor import EditOptions, InvertOptions, scenes
+from editor.editing import EditCancelled, EditResult
+from editor.embeddings import reweight_embedding
 from editor.images import psnr
-from editor.inversion import invert_batch, reconstruct
+from editor.prompts import without_word
+
+
+def E(**kw):
+    return EditOptions(**kw)
+
+
+def reconstruct(editor, inv, progress=True):
+    return editor.reconstruct(inv, progress=progress)
 
 STEPS = 20
 SEEDS = (101, 105)  # a green triangle on black, a green square on white
@@ -27,8 +36,9 @@ NEXT_SHAPE = {"circle": "square", "square": "triangle", "triangle": "circle"}
 @pytest.fixture(scope="module")
 def inverted(editor):
     samples = [scenes.sample(s, n_objects=1) for s in SEEDS]
-    invs = invert_batch(editor, [s.image for s in samples], [s.caption for s in samples],
-                        method="null-text", steps=STEPS, num_inner_steps=5, progress=False)
+    invs = editor.invert_batch([s.image for s in samples], [s.caption for s in samples],
+                               InvertOptions(method="null-text", steps=STEPS, num_inner_steps=5),
+                               progress=False)
     return list(zip(samples, invs, strict=True))
 
 
@@ -109,7 +119,7 @@ def test_reweight_takes_the_color_out_and_never_breaks_the_object(editor, invert
     named_color_share = measure_edits.named_color_share
     for s, inv in inverted:
         color, mask = s.scene.objects[0].color, s.masks[0] > 0.5
-        imgs = [editor.edit_many(inv, [s.caption], reweight={color: w}, progress=False)[0].image
+        imgs = [editor.edit_many(inv, [s.caption], E(reweight={color: w}), progress=False)[0].image
                 for w in (0.0, 1.0, 2.0, 3.0)]
         share = [named_color_share(im, color, mask) for im in imgs]
         assert share[0] < share[1] - 0.5, share
@@ -122,14 +132,15 @@ def test_reweight_takes_the_color_out_and_never_breaks_the_object(editor, invert
 
 def test_reweight_embedding_identity_at_one(editor):
     p = "a red circle on a white background"
-    emb = editor.encode_text([p])[0]
-    assert torch.allclose(reweight_embedding(editor, p, emb, {"red": 1.0}), emb, atol=1e-6)
-    half = reweight_embedding(editor, p, emb, {"red": 0.5})
+    m = editor.model
+    emb = m.encode_text([p])[0]
+    assert torch.allclose(reweight_embedding(m, p, emb, {"red": 1.0}), emb, atol=1e-6)
+    half = reweight_embedding(m, p, emb, {"red": 0.5})
     assert not torch.allclose(half, emb)
     # interpolation only: scales above 1 (or below 0) are clipped to [0, 1]
-    assert torch.allclose(reweight_embedding(editor, p, emb, {"red": 2.0}), emb, atol=1e-6)
-    assert torch.allclose(reweight_embedding(editor, p, emb, {"red": -1.0}),
-                          reweight_embedding(editor, p, emb, {"red": 0.0}), atol=1e-6)
+    assert torch.allclose(reweight_embedding(m, p, emb, {"red": 2.0}), emb, atol=1e-6)
+    assert torch.allclose(reweight_embedding(m, p, emb, {"red": -1.0}),
+                          reweight_embedding(m, p, emb, {"red": 0.0}), atol=1e-6)
     assert without_word("a Red circle, on a red background", "red") == "a circle, on a background"
 
 
@@ -147,7 +158,7 @@ def test_refine_edit_and_batch_rows_are_independent(editor, inverted):
 @pytest.mark.parametrize("method", ["direct", "negative-prompt", "ddim"])
 def test_every_inversion_method_edits_and_reconstructs(editor, method):
     s = scenes.sample(SEEDS[0], n_objects=1)
-    inv = editor.invert(s.image, s.caption, method=method, steps=10, progress=False)
+    inv = editor.invert(s.image, s.caption, InvertOptions(method=method, steps=10), progress=False)
     c = s.scene.objects[0].color
     res = editor.edit(inv, s.caption.replace(c, NEXT_COLOR[c]), progress=False)
     # the source branch is the method's own reconstruction (direct: with its offsets)
@@ -160,17 +171,17 @@ def test_every_inversion_method_edits_and_reconstructs(editor, method):
 def test_clear_errors(editor, inverted):
     s, inv = inverted[0]
     with pytest.raises(ValueError, match="'fluffy' is not in the prompt"):
-        editor.edit(inv, s.caption, reweight={"fluffy": 2.0}, progress=False)
+        editor.edit(inv, s.caption, E(reweight={"fluffy": 2.0}), progress=False)
     with pytest.raises(ValueError, match="blend_words word 'dog' is not in the prompt"):
-        editor.edit(inv, s.caption, blend_words=["dog"], progress=False)
+        editor.edit(inv, s.caption, E(blend_words=["dog"]), progress=False)
     with pytest.raises(ValueError, match="refine"):
-        editor.edit(inv, "a big " + s.caption[2:], mode="replace", progress=False)
+        editor.edit(inv, "a big " + s.caption[2:], E(mode="replace"), progress=False)
     with pytest.raises(ValueError, match="too long"):
         editor.edit(inv, " ".join(["red"] * 100), progress=False)
     with pytest.raises(ValueError, match="unknown mode"):
-        editor.edit(inv, s.caption, mode="swap", progress=False)
+        editor.edit(inv, s.caption, E(mode="swap"), progress=False)
     with pytest.raises(ValueError, match="cross_replace"):
-        editor.edit(inv, s.caption, cross_replace=1.5, progress=False)
+        editor.edit(inv, s.caption, E(cross_replace=1.5), progress=False)
     with pytest.raises(ValueError, match="at least one target"):
         editor.edit_many(inv, [], progress=False)
 
@@ -189,23 +200,23 @@ def test_callback_cancels(editor, inverted):
 
 
 def test_protect_hook_reaches_the_leakage_control(editor, inverted, monkeypatch):
-    from editor import embeddings
+    from editor import editing
 
     s, inv = inverted[0]
     target = s.caption.replace("green", "red")
     bg = f"{s.scene.background} background"
     calls = []
-    real = embeddings.protect_embeddings
+    real = editing.apply_protection
 
-    def spy(ed, prompt, emb, **kw):
-        calls.append((prompt, kw["mode"], kw["source_prompt"], list(kw["protect"])))
-        return real(ed, prompt, emb, **kw)
+    def spy(encode, emb, plan, **kw):
+        calls.append((plan.prompt, kw["mode"], plan.source, list(plan.phrases)))
+        return real(encode, emb, plan, **kw)
 
-    monkeypatch.setattr(embeddings, "protect_embeddings", spy)
-    editor.edit(inv, target, protect=[bg], leakage="replace", progress=False)
+    monkeypatch.setattr(editing, "apply_protection", spy)
+    editor.edit(inv, target, E(protect=[bg], leakage="replace"), progress=False)
     assert calls == [(target, "replace", s.caption, [bg])]
     with pytest.raises(ValueError, match="protect"):
-        editor.edit(inv, target, protect=["blue square"], progress=False)
+        editor.edit(inv, target, E(protect=["blue square"]), progress=False)
 
 
 def test_cli_edit_writes_one_file_per_target(inverted, tmp_path, capsys):
@@ -236,7 +247,7 @@ def test_lower_noise_threshold_grows_the_automatic_mask(editor, inverted):
     c = s.scene.objects[0].color
     target = s.caption.replace(c, NEXT_COLOR[c])
     tight = editor.edit(inv, target, progress=False)
-    loose = editor.edit(inv, target, noise_threshold=0.3, progress=False)
+    loose = editor.edit(inv, target, E(noise_threshold=0.3), progress=False)
     assert tight.options["noise_threshold"] == 0.5 and loose.options["noise_threshold"] == 0.3
     assert np.all(loose.mask >= tight.mask) and loose.mask.sum() > tight.mask.sum()
 
@@ -257,3 +268,29 @@ def test_full_measurement(editor, measure_edits):
     rec = summ["recolor/color"]
     assert rec["success"] >= 0.9 and rec["mask_iou_mean"] >= 0.8 and rec["bg_psnr_min"] >= 28.0
     assert summ["recolor_noise_0.3/shape"]["success_with_color_and_position"] >= 0.7
+
+
+def test_two_threads_on_one_editor_equal_one_after_the_other(editor, inverted):
+    """An edit and an inversion started together on one Editor give the images they give one
+    after the other: every UNet use takes the model's lock (an edit installs processors)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    s, inv = inverted[0]
+    other = scenes.sample(107, n_objects=1)
+    target = s.caption.replace(s.scene.objects[0].color, "blue")
+    opts = InvertOptions(method="null-text", steps=6, num_inner_steps=2)
+
+    def do_edit():
+        return editor.edit(inv, target, progress=False).image
+
+    def do_invert():
+        i = editor.invert(other.image, other.caption, opts, progress=False)
+        return editor.reconstruct(i, progress=False)
+
+    alone = [do_edit(), do_invert()]
+    with ThreadPoolExecutor(2) as pool:
+        for _ in range(2):
+            futures = [pool.submit(do_edit), pool.submit(do_invert)]
+            together = [f.result() for f in futures]
+            for a, b in zip(alone, together, strict=True):
+                assert np.array_equal(np.asarray(a), np.asarray(b))

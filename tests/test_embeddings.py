@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from editor import GenerateOptions
 from editor.embeddings import (
     edited_positions,
     end_positions,
@@ -189,12 +190,13 @@ def test_protect_embeddings_errors(tokenizer):
 def test_bundled_model_protect_and_generate(editor):
     """On the real encoder: replace gives the phrase-alone rows; generate accepts protect."""
     prompt = "a red circle and a blue square on a gray background"
-    emb = editor.encode_text([prompt])
-    rep = protect_embeddings(editor, prompt, emb, protect=["Blue square"], mode="replace")
-    alone = editor.encode_text(["blue square"])[0]
+    emb = editor.model.encode_text([prompt])
+    rep = protect_embeddings(editor.model, prompt, emb, protect=["Blue square"], mode="replace")
+    alone = editor.model.encode_text(["blue square"])[0]
     torch.testing.assert_close(rep[0, 6:8], alone[1:3])
     assert torch.equal(rep[0, :6], emb[0, :6]) and torch.equal(rep[0, 8:], emb[0, 8:])
-    img = editor.generate(prompt, seed=0, steps=2, protect=["blue square"], leakage="both")
+    img = editor.generate(prompt, GenerateOptions(seed=0, steps=2, protect=["blue square"],
+                                                  leakage="both"))
     assert img.size == (editor.native_size, editor.native_size)
     with pytest.raises(ValueError, match="'green square'"):
-        editor.generate(prompt, steps=1, protect=["green square"], leakage="replace")
+        editor.generate(prompt, GenerateOptions(steps=1, protect=["green square"], leakage="replace"))

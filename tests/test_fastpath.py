@@ -5,13 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from editor import scenes
+from editor import InvertOptions, scenes
 from editor.fastpath import FastPath, StaticNullText, adam_masked_, resolve_fast
 from editor.inversion import invert_batch
 
 # steps 4, 4 inner steps and this threshold make the two scenes stop at different inner
 # steps (some timesteps after 1, others run all 4), so masking is exercised
-MIXED = dict(steps=4, num_inner_steps=4, early_stop_epsilon=0.03, progress=False)
+MIXED = dict(steps=4, num_inner_steps=4, early_stop_epsilon=0.03)
+
+
+def run(editor, imgs, caps, fast=None, **kw):
+    return invert_batch(editor.model, imgs, caps, InvertOptions(**MIXED, **kw), fast=fast,
+                        progress=False)
 
 
 def test_adam_masked_equals_torch_adam_and_freezes_rows():
@@ -50,16 +55,16 @@ def test_static_step_equals_plain_loop(editor):
     machinery (warm-ups change the buffers; capture must give them back)."""
     a, b = scenes.sample(103, n_objects=1), scenes.sample(104, n_objects=2)
     imgs, caps = [a.image, b.image], [a.caption, b.caption]
-    plain = invert_batch(editor, imgs, caps, **MIXED)  # sync_every=None: 1 on CPU
+    plain = run(editor, imgs, caps)  # sync_every=None: 1 on CPU
     stops = [inv.stats["inner_steps"] for inv in plain]
     assert stops[0] != stops[1] and 1 in stops[0] + stops[1] and 4 in stops[0] + stops[1]
 
     fast = FastPath("static-eager")
-    eager = invert_batch(editor, imgs, caps, fast=fast, sync_every=0, **MIXED)
+    eager = run(editor, imgs, caps, fast=fast, sync_every=0)
     (runner,) = fast._runners.values()
     calls: list[str] = []
     runner.graphs, runner._capture = True, _eager_capture(calls)  # exercise capture + restore
-    captured = invert_batch(editor, imgs, caps, fast=fast, sync_every=2, **MIXED)
+    captured = run(editor, imgs, caps, fast=fast, sync_every=2)
     assert sorted(calls) == ["_advance", "_cond", "_inner", "_pivot"]  # each captured once
     for want, *got in zip(plain, eager, captured, strict=True):
         for inv in got:
@@ -84,20 +89,20 @@ def test_resolve_fast_is_off_or_refused_on_cpu(editor):
     with pytest.raises(ValueError, match="float16"):
         resolve_fast(FastPath("static-eager", dtype="fp16"), cpu)
     with pytest.raises(ValueError, match="needs a CUDA device"):  # through the public entry
-        editor.invert(scenes.sample(1).image, "a red circle", fast="cuda-graph", steps=2)
+        editor.invert(scenes.sample(1).image, "a red circle", InvertOptions(fast="cuda-graph", steps=2))
     with pytest.raises(ValueError, match="sync_every"):
-        editor.invert(scenes.sample(1).image, "a red circle", sync_every=-1, steps=2)
+        editor.invert(scenes.sample(1).image, "a red circle", InvertOptions(sync_every=-1, steps=2))
 
 
 def test_reduced_precision_unet_is_a_private_copy(editor):
     fast = FastPath("static-eager", dtype="bf16")
-    unet = fast.unet_for(editor)
+    unet = fast.unet_for(editor.model)
     assert unet is not editor.pipe.unet and unet.dtype == torch.bfloat16
     assert editor.pipe.unet.dtype == torch.float32  # the shared model is untouched
-    assert fast.unet_for(editor) is unet  # prepared once per model
+    assert fast.unet_for(editor.model) is unet  # prepared once per model
     z0, cond = torch.zeros(2, 4, 16, 16), torch.zeros(2, 77, 64)
-    r = fast.runner(editor, z0, cond, guidance=7.5, early_stop=False)
+    r = fast.runner(editor.model, z0, cond, guidance=7.5, early_stop=False)
     assert isinstance(r, StaticNullText) and r.dt == torch.bfloat16
     assert r.emb.dtype == r.m.dtype == r.loss.dtype == torch.float32  # fp32 optimisation
-    assert fast.runner(editor, z0, cond, guidance=7.5, early_stop=False) is r  # per shape
-    assert fast.runner(editor, z0[:1], cond[:1], guidance=7.5, early_stop=False) is not r
+    assert fast.runner(editor.model, z0, cond, guidance=7.5, early_stop=False) is r  # per shape
+    assert fast.runner(editor.model, z0[:1], cond[:1], guidance=7.5, early_stop=False) is not r

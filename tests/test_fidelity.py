@@ -68,7 +68,7 @@ def test_vae_round_trip_psnr(editor):
     """Encode and decode 16 held-out generator scenes: the ceiling of every reconstruction."""
     ss = [scenes.sample(8_000_000 + i) for i in range(16)]
     x = torch.cat([to_tensor(s.image) for s in ss])
-    rec = editor.decode_latents(editor.encode_image(x))
+    rec = editor.model.decode_latents(editor.model.encode_image(x))
     values = [psnr(s.image, r) for s, r in zip(ss, rec, strict=True)]
     assert np.mean(values) >= 32.0, values
     assert min(values) >= 30.0, values

@@ -14,17 +14,23 @@ from diffusers import (
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from editor import scenes
+from editor import Editor, InvertOptions, scenes
+from editor.ddim import ddim_step
 from editor.images import psnr, to_tensor
-from editor.inversion import (
-    Inversion,
-    InversionCancelled,
-    ddim_pivots,
-    ddim_step,
-    invert_batch,
-    sample,
-)
-from editor.model import Editor, bundled_model_path
+from editor.inversion import Inversion, InversionCancelled, ddim_pivots, invert_batch
+from editor.model import bundled_model_path
+from editor.sampling import denoise
+
+
+def sample(ed, inv, cond=None, progress=True):
+    """Guided sampling back from ``inv`` (its own prompt unless ``cond`` is given)."""
+    if cond is None:
+        cond = ed.model.encode_text([inv.prompt]).float()
+    return denoise(ed.model, inv, cond, progress=progress)
+
+
+def inv_opts(**kw):
+    return InvertOptions(**kw)
 
 
 def tiny_editor(prediction_type: str) -> Editor:
@@ -55,15 +61,13 @@ def tiny_editor(prediction_type: str) -> Editor:
     with torch.no_grad():  # a smooth random model: small outputs, so DDIM's eps(z_t) ~ eps(z_{t-1})
         unet.conv_out.weight.mul_(0.05)
         unet.conv_out.bias.zero_()
-    for m in (unet, vae, text):
-        m.requires_grad_(False).eval()
-    return Editor(pipe=pipe, model_id=f"tiny-{prediction_type}")
+    return Editor.from_pipe(pipe, f"tiny-{prediction_type}")
 
 
 @pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])
 def test_ddim_step_matches_scheduler(kind):
     ed = tiny_editor(kind)
-    sched = ed.scheduler()
+    sched = ed.model.scheduler()
     sched.set_timesteps(20)
     g = torch.Generator().manual_seed(1)
     x, out = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g)
@@ -78,13 +82,13 @@ def test_ddim_inversion_round_trips_at_guidance_1(kind):
     ed = tiny_editor(kind)
     g = torch.Generator().manual_seed(2)
     z0 = torch.randn(1, 4, 8, 8, generator=g) * 0.5
-    cond = ed.encode_text(["a red circle on a white background"]).float()
+    cond = ed.model.encode_text(["a red circle on a white background"]).float()
     steps = 50
-    pivots = ddim_pivots(ed, z0, cond, steps, progress=False)
+    pivots = ddim_pivots(ed.model, z0, cond, steps, progress=False)
     inv = Inversion(prompt="a red circle on a white background", method="ddim", steps=steps,
                     guidance=1.0, z_T=pivots[-1], uncond=cond, timesteps=[
                         int(t) for t in (lambda s: (s.set_timesteps(steps), s.timesteps)[1])(
-                            ed.scheduler())],
+                            ed.model.scheduler())],
                     image_size=(32, 32), model_id=ed.model_id,
                     model_fingerprint=ed.fingerprint, image_hash="x")
     back = sample(ed, inv, cond, progress=False)
@@ -99,10 +103,11 @@ def _scene(seed: int) -> scenes.SampledScene:
 
 def test_null_text_beats_ddim_and_nears_vae_ceiling(editor):
     sc = _scene(101)
-    ceiling = psnr(editor.decode_latents(editor.encode_image(to_tensor(sc.image)))[0], sc.image)
+    m = editor.model
+    ceiling = psnr(m.decode_latents(m.encode_image(to_tensor(sc.image)))[0], sc.image)
     res = {}
     for method in ("ddim", "null-text", "direct"):
-        inv = editor.invert(sc.image, sc.caption, method=method, steps=10, progress=False)
+        inv = editor.invert(sc.image, sc.caption, inv_opts(method=method, steps=10), progress=False)
         res[method] = psnr(editor.reconstruct(inv, progress=False), sc.image)
     assert res["null-text"] >= res["ddim"] + 3.0, res
     assert res["null-text"] >= ceiling - 1.5, (res, ceiling)
@@ -111,21 +116,21 @@ def test_null_text_beats_ddim_and_nears_vae_ceiling(editor):
 
 def test_early_stop_disabled_runs_every_inner_step(editor):
     sc = _scene(102)
-    inv = editor.invert(sc.image, sc.caption, steps=4, num_inner_steps=3,
-                        early_stop_epsilon=None, progress=False)
+    inv = editor.invert(sc.image, sc.caption, inv_opts(steps=4, num_inner_steps=3,
+                        early_stop_epsilon=None), progress=False)
     assert inv.stats["inner_steps"] == [3, 3, 3, 3]
-    early = editor.invert(sc.image, sc.caption, steps=4, num_inner_steps=3,
-                          early_stop_epsilon=1.0, progress=False)  # huge threshold: one step each
+    early = editor.invert(sc.image, sc.caption, inv_opts(steps=4, num_inner_steps=3,
+                          early_stop_epsilon=1.0), progress=False)  # huge threshold: one step each
     assert early.stats["inner_steps"] == [1, 1, 1, 1]
     assert inv.uncond.shape[0] == 4 and inv.uncond.shape[1:] == early.uncond.shape[1:]
 
 
 def test_batched_equals_one_by_one(editor):
     a, b = _scene(103), scenes.sample(104, n_objects=2)
-    kw = dict(steps=6, num_inner_steps=4, early_stop_epsilon=2e-3, progress=False)
-    both = invert_batch(editor, [a.image, b.image], [a.caption, b.caption], **kw)
+    o = inv_opts(steps=6, num_inner_steps=4, early_stop_epsilon=2e-3)
+    both = invert_batch(editor.model, [a.image, b.image], [a.caption, b.caption], o, progress=False)
     for sc, inv in zip((a, b), both, strict=True):
-        one = editor.invert(sc.image, sc.caption, **kw)
+        one = editor.invert(sc.image, sc.caption, o, progress=False)
         assert inv.stats["inner_steps"] == one.stats["inner_steps"]
         assert torch.allclose(inv.z_T, one.z_T, atol=1e-4)
         # Adam's first steps are ~lr * sign(grad): embedding entries whose gradient is ~0
@@ -139,22 +144,23 @@ def test_batched_equals_one_by_one(editor):
 
 def test_negative_prompt_uses_source_prompt_as_null(editor):
     sc = _scene(105)
-    inv = editor.invert(sc.image, sc.caption, method="negative-prompt", steps=5, progress=False)
-    assert torch.allclose(inv.uncond[0], editor.encode_text([sc.caption])[0].float().cpu())
+    inv = editor.invert(sc.image, sc.caption, inv_opts(method="negative-prompt", steps=5),
+                        progress=False)
+    assert torch.allclose(inv.uncond[0], editor.model.encode_text([sc.caption])[0].float().cpu())
 
 
 def test_cancel_and_progress(editor):
     sc = _scene(106)
     seen = []
     with pytest.raises(InversionCancelled):
-        editor.invert(sc.image, sc.caption, steps=5, num_inner_steps=1, progress=False,
+        editor.invert(sc.image, sc.caption, inv_opts(steps=5, num_inner_steps=1), progress=False,
                       callback=lambda done, total: seen.append((done, total)) or done < 3)
     assert seen[-1] == (3, 10)
 
 
 def test_save_load_round_trip_and_model_check(editor, tmp_path):
     sc = _scene(107)
-    inv = editor.invert(sc.image, sc.caption, method="direct", steps=4, progress=False)
+    inv = editor.invert(sc.image, sc.caption, inv_opts(method="direct", steps=4), progress=False)
     path = inv.save(tmp_path / "inv.safetensors")
     back = Inversion.load(path)
     assert back.prompt == inv.prompt and back.method == "direct" and back.steps == 4
@@ -183,21 +189,22 @@ def test_load_rejects_other_files(tmp_path):
 def test_bad_options(editor):
     img = _scene(108).image
     with pytest.raises(ValueError, match="unknown inversion method"):
-        editor.invert(img, "a red circle", method="magic")
+        editor.invert(img, "a red circle", inv_opts(method="magic"))
     with pytest.raises(ValueError, match="steps"):
-        editor.invert(img, "a red circle", steps=0)
+        editor.invert(img, "a red circle", inv_opts(steps=0))
     with pytest.raises(ValueError, match="empty"):
         editor.invert(img, "   ")
 
 
 def test_any_size_and_aspect_is_resized_to_model_multiples(editor):
     img = Image.new("RGB", (200, 90), (200, 30, 30))
-    inv = editor.invert(img, "a red square on a white background", method="ddim", steps=3,
+    inv = editor.invert(img, "a red square on a white background", inv_opts(method="ddim", steps=3),
                         progress=False)
     w, h = inv.image_size
     assert w % 16 == 0 and h % 16 == 0 and w * h <= editor.native_size**2
     assert w > h  # aspect kept
-    assert inv.z_T.shape[-2:] == (h // editor.vae_scale_factor, w // editor.vae_scale_factor)
+    f = editor.model.vae_scale_factor
+    assert inv.z_T.shape[-2:] == (h // f, w // f)
     assert editor.reconstruct(inv, progress=False).size == (w, h)
 
 
@@ -205,8 +212,9 @@ def test_sync_every_changes_speed_not_result(editor):
     """Reading the stop mask every inner step (CPU default), every 4th or never gives the
     same embeddings: images that stopped are masked until the host looks."""
     a, b = _scene(103), scenes.sample(104, n_objects=2)
-    kw = dict(steps=4, num_inner_steps=4, early_stop_epsilon=0.03, progress=False)
-    runs = [invert_batch(editor, [a.image, b.image], [a.caption, b.caption], sync_every=k, **kw)
+    runs = [invert_batch(editor.model, [a.image, b.image], [a.caption, b.caption],
+                         inv_opts(steps=4, num_inner_steps=4, early_stop_epsilon=0.03, sync_every=k),
+                         progress=False)
             for k in (1, 4, 0)]
     assert runs[0][0].stats["inner_steps"] != runs[0][1].stats["inner_steps"]  # mixed stops
     for other in runs[1:]:

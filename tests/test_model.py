@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from editor import Editor
+from editor import Editor, GenerateOptions
 from editor import model as model_mod
 from editor.model import SD15, bundled_model_path, parse_dtype, resolve_model
 
@@ -32,13 +32,14 @@ def test_bundled_model_loads_with_facts_read_from_its_config(editor):
     assert isinstance(pipe, StableDiffusionPipeline)
     assert editor.model_id == "shapes" and editor.is_bundled
     assert editor.device.type == "cpu" and editor.dtype == torch.float32
-    assert editor.vae_scale_factor == 2 ** (len(pipe.vae.config.block_out_channels) - 1) == 4
-    assert editor.native_size == pipe.unet.config.sample_size * editor.vae_scale_factor == 64
-    assert editor.max_tokens == 77
+    m = editor.model
+    assert m.vae_scale_factor == 2 ** (len(pipe.vae.config.block_out_channels) - 1) == 4
+    assert editor.native_size == pipe.unet.config.sample_size * m.vae_scale_factor == 64
+    assert m.max_tokens == 77
     assert pipe.text_encoder.config.hidden_size == pipe.unet.config.cross_attention_dim
     assert pipe.tokenizer.vocab_size == 49408
-    sched = editor.scheduler()
-    assert isinstance(sched, DDIMScheduler) and sched is not editor.scheduler()
+    sched = m.scheduler()
+    assert isinstance(sched, DDIMScheduler) and sched is not m.scheduler()
     cfg = sched.config
     assert (cfg.beta_schedule, cfg.beta_start, cfg.beta_end) == ("scaled_linear", 0.00085, 0.012)
     assert cfg.prediction_type == "epsilon" and not cfg.clip_sample and not cfg.set_alpha_to_one
@@ -140,12 +141,12 @@ def test_auto_prefers_sd15_when_cached(monkeypatch):
 )
 def test_bad_prompts(editor, prompt, words):
     with pytest.raises(ValueError, match=words):
-        editor.generate(prompt, steps=2)
+        editor.generate(prompt, GenerateOptions(steps=2))
 
 
 def test_bad_steps(editor):
     with pytest.raises(ValueError, match="steps"):
-        editor.generate("a red circle on a white background", steps=0)
+        editor.generate("a red circle on a white background", GenerateOptions(steps=0))
 
 
 def test_longest_allowed_prompt_is_accepted(editor):
@@ -155,14 +156,14 @@ def test_longest_allowed_prompt_is_accepted(editor):
 
 def test_generate_is_deterministic_per_seed_and_native_size(editor):
     p = "a blue square on a gray background"
-    a = editor.generate(p, seed=11, steps=6)
-    b = editor.generate(p, seed=11, steps=6)
-    c = editor.generate(p, seed=12, steps=6)
+    a = editor.generate(p, GenerateOptions(seed=11, steps=6))
+    b = editor.generate(p, GenerateOptions(seed=11, steps=6))
+    c = editor.generate(p, GenerateOptions(seed=12, steps=6))
     assert a.size == b.size == (editor.native_size, editor.native_size) and a.mode == "RGB"
     assert a.tobytes() == b.tobytes()
     assert np.abs(np.asarray(a, float) - np.asarray(c, float)).mean() > 1.0
 
 
 def test_text_encoding_shape_follows_the_model(editor):
-    emb = editor.encode_text(["a red circle", ""])
-    assert emb.shape == (2, editor.max_tokens, editor.pipe.text_encoder.config.hidden_size)
+    emb = editor.model.encode_text(["a red circle", ""])
+    assert emb.shape == (2, editor.model.max_tokens, editor.pipe.text_encoder.config.hidden_size)

@@ -25,7 +25,7 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
 import gradio as gr  # noqa: E402
 
-from editor import cli  # noqa: E402
+from editor import EditOptions, cli  # noqa: E402
 from editor.images import psnr  # noqa: E402
 from editor.inversion import Inversion  # noqa: E402
 from ui import app  # noqa: E402
@@ -194,7 +194,7 @@ def test_mask_threshold_reaches_the_automatic_blend(ctx, inverted):
     for thr in (0.8, 0.2):
         png = _edit(ctx, target, inverted[4], mask_threshold=thr)[3]
         out[thr] = np.asarray(Image.open(png).convert("RGB"))
-        want = ctx.editor.edit(inv, target, noise_threshold=thr, progress=False).image
+        want = ctx.editor.edit(inv, target, EditOptions(noise_threshold=thr), progress=False).image
         assert np.array_equal(out[thr], np.asarray(want))
     assert not np.array_equal(out[0.8], out[0.2])
 

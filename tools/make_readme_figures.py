@@ -18,8 +18,11 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from editor import scenes  # noqa: E402
-from editor.model import Editor  # noqa: E402
+from editor import (  # noqa: E402
+    Editor,
+    GenerateOptions,
+    scenes,  # noqa: E402
+)
 
 # (objects, background, colours): single objects get one colour each for variety
 PLAN = [(1, "white", ("red",)), (1, "gray", ("yellow",)), (1, "black", ("green",)),
@@ -31,7 +34,7 @@ def main() -> None:
     samples = [scenes.sample(900 + k, n_objects=n, background=bg, colors=c)
                for k, (n, bg, c) in enumerate(PLAN)]
     editor = Editor.from_pretrained("shapes", device="cpu")
-    generated = [editor.generate(s.caption, seed=0, steps=50, guidance=7.5) for s in samples]
+    generated = [editor.generate(s.caption, GenerateOptions(seed=0, steps=50, guidance=7.5)) for s in samples]
     side = editor.native_size * SCALE
     grid = Image.new("RGB", (len(samples) * (side + GAP) + GAP, 2 * (side + GAP) + GAP), "white")
     for col, (s, g) in enumerate(zip(samples, generated, strict=True)):

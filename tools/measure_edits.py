@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # pragma: no cover - script use
     sys.path.insert(0, str(ROOT))
 
-from editor import scenes  # noqa: E402
+from editor import EditOptions, scenes  # noqa: E402
 from editor.images import psnr  # noqa: E402
 
 CAP = 99.0  # PSNR of identical pixels is infinite; JSON gets this instead
@@ -116,7 +116,8 @@ def named_color_amount(img: Image.Image, color: str) -> float:
 
 
 def invert_cached(editor, samples, method: str, steps: int, cache: Path | None):
-    from editor.inversion import Inversion, invert_batch
+    from editor import InvertOptions
+    from editor.inversion import Inversion
 
     out, todo = {}, []
     for seed, s in samples:
@@ -126,8 +127,8 @@ def invert_cached(editor, samples, method: str, steps: int, cache: Path | None):
         else:
             todo.append((seed, s, f))
     if todo:
-        invs = invert_batch(editor, [s.image for _, s, _ in todo], [s.caption for _, s, _ in todo],
-                            method=method, steps=steps, progress=False)
+        invs = editor.invert_batch([s.image for _, s, _ in todo], [s.caption for _, s, _ in todo],
+                                   InvertOptions(method=method, steps=steps), progress=False)
         for (seed, _, f), inv in zip(todo, invs, strict=True):
             out[seed] = inv
             if f is not None:
@@ -164,7 +165,7 @@ def measure(editor, *, seeds: list[int], n_shape: int, method: str, steps: int, 
             targets = [j[1] for j in jobs]
             if kw.get("blend_words") == "CHANGED":
                 kw["blend_words"] = sorted({w for j in jobs for w in (j[3], j[4])})
-            res = editor.edit_many(inv, targets, progress=False, **kw)
+            res = editor.edit_many(inv, targets, EditOptions.from_mapping(kw), progress=False)
             rec_psnr = psnr(res[0].source, s.image)
             if cfg == grid_cfgs[0] and len(grid_rows) < 6:
                 grid_rows.append([s.image, res[0].source])
@@ -197,7 +198,8 @@ def measure(editor, *, seeds: list[int], n_shape: int, method: str, steps: int, 
     for seed, s in rw_samples:
         obj = s.scene.objects[0]
         src_mask = s.masks[0] > 0.5
-        imgs = [editor.edit(invs[seed], s.caption, reweight={obj.color: sc}, progress=False).image
+        imgs = [editor.edit(invs[seed], s.caption, EditOptions(reweight={obj.color: sc}),
+                            progress=False).image
                 for sc in scales]
         share = [round(named_color_share(im, obj.color, src_mask), 4) for im in imgs]
         reweight.append({
@@ -285,8 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", action="store_true", help="include per-edit rows in the JSON")
     args = ap.parse_args(argv)
 
+    from editor import Editor
     from editor.cli import quiet_libraries
-    from editor.model import Editor
 
     quiet_libraries()
     editor = Editor.from_pretrained("shapes", device="cpu")

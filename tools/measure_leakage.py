@@ -26,10 +26,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from editor import scenes
+from editor import EditOptions, Editor, InvertOptions, scenes
 from editor.embeddings import find_phrase, protect_embeddings, replace_rows
 from editor.metrics import hue_shift
-from editor.model import Editor
 
 #: (name, mode, rows, extra kwargs) of every variant measured.
 VARIANTS: list[tuple[str, str, str, dict]] = [
@@ -62,7 +61,7 @@ def cases(n: int, first_seed: int) -> list[Case]:
 def generate_batch(editor: Editor, emb: torch.Tensor, seeds: list[int], steps: int,
                    guidance: float) -> list:
     """Batched text-to-image; per-sample generators give the same images as batch-1 runs."""
-    neg = editor.encode_text([""]).expand(emb.shape[0], -1, -1)
+    neg = editor.model.encode_text([""]).expand(emb.shape[0], -1, -1)
     gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
     size = editor.native_size
     out = editor.pipe(prompt_embeds=emb, negative_prompt_embeds=neg, num_inference_steps=steps,
@@ -89,8 +88,8 @@ def measure_t2i(editor: Editor, cs: list[Case], steps: int, guidance: float, bat
             chunk = cs[b0 : b0 + batch]
             embs = []
             for c in chunk:
-                e = editor.encode_text([c.sampled.caption])
-                e = protect_embeddings(editor, c.sampled.caption, e, protect=[c.protect],
+                e = editor.model.encode_text([c.sampled.caption])
+                e = protect_embeddings(editor.model, c.sampled.caption, e, protect=[c.protect],
                                        mode=mode, rows=rows, **kw)
                 embs.append(e)
             imgs = generate_batch(editor, torch.cat(embs), [c.seed for c in chunk], steps,
@@ -125,7 +124,7 @@ def replace_from_source(editor: Editor, prompt: str, emb: torch.Tensor, protect:
                         source_prompt: str) -> torch.Tensor:
     """Not a published control: the protected rows taken from the *source* prompt's encoding."""
     tok = editor.pipe.tokenizer
-    src = editor.encode_text([source_prompt])[0].to(emb.device, emb.dtype)
+    src = editor.model.encode_text([source_prompt])[0].to(emb.device, emb.dtype)
     for p in protect:
         for a, b in zip(find_phrase(tok, prompt, p), find_phrase(tok, source_prompt, p),
                         strict=False):
@@ -134,21 +133,23 @@ def replace_from_source(editor: Editor, prompt: str, emb: torch.Tensor, protect:
 
 
 class Dispatcher:
-    """Stands in for ``protect_embeddings`` inside ``edit_many``: the k-th target row gets the
-    k-th variant (edit_many calls it once per target, in order)."""
+    """Stands in for ``editor.editing.apply_protection`` inside ``edit_many``: the k-th target
+    row gets the k-th variant (edit_many applies it once per target, in order)."""
 
-    def __init__(self, variants: list[tuple[str, str, str, bool, dict]]):
-        self.variants, self.k = variants, 0
+    def __init__(self, editor: Editor, variants: list[tuple[str, str, str, bool, dict]]):
+        self.editor, self.variants, self.k = editor, variants, 0
 
-    def __call__(self, editor, prompt, emb, *, protect, mode, source_prompt=None, **_):
+    def __call__(self, encode, emb, plan, *, mode, **_):
         name, m, rows, use_src, kw = self.variants[self.k % len(self.variants)]
         self.k += 1
+        prompt, protect, source_prompt = plan.prompt, plan.phrases, plan.source
         if m == "none":
             return emb
         if m == "source":
-            return replace_from_source(editor, prompt, emb, list(protect), source_prompt)
-        return protect_embeddings(editor, prompt, emb, protect=protect, mode=m, rows=rows,
-                                  source_prompt=source_prompt if use_src else None, **kw)
+            return replace_from_source(self.editor, prompt, emb, list(protect), source_prompt)
+        return protect_embeddings(self.editor.model, prompt, emb, protect=protect, mode=m,
+                                  rows=rows, source_prompt=source_prompt if use_src else None,
+                                  **kw)
 
 
 def measure_edit(editor: Editor, cs: list[Case], steps: int, guidance: float, method: str,
@@ -156,17 +157,15 @@ def measure_edit(editor: Editor, cs: list[Case], steps: int, guidance: float, me
                  on_progress=None) -> dict:
     """Invert every scene (one batch), then per scene one ``edit_many`` per blend setting
     whose target rows are the variants."""
-    import editor.embeddings as E
-    from editor.editing import edit_many
+    import editor.editing as E
     from editor.images import psnr
-    from editor.inversion import invert_batch
 
     t0 = time.perf_counter()
-    invs = invert_batch(editor, [c.sampled.image for c in cs], [c.sampled.caption for c in cs],
-                        method=method, steps=steps, guidance=guidance)
+    invs = editor.invert_batch([c.sampled.image for c in cs], [c.sampled.caption for c in cs],
+                               InvertOptions(method=method, steps=steps, guidance=guidance))
     t_inv = time.perf_counter() - t0
     recs: dict[str, list[dict]] = {f"{b}/{v[0]}": [] for b in blends for v in variants}
-    orig = E.protect_embeddings
+    orig = E.apply_protection
     try:
         for c, inv in zip(tqdm(cs, desc="edit"), invs, strict=True):
             sc, src_img = c.sampled.scene, c.sampled.image
@@ -176,10 +175,10 @@ def measure_edit(editor: Editor, cs: list[Case], steps: int, guidance: float, me
             m_edit, m_prot = c.sampled.masks[0] > 0.5, c.sampled.masks[1] > 0.5
             h_src = hue_deg(src_img, m_prot)
             for b in blends:
-                E.protect_embeddings = Dispatcher(variants)
-                res = edit_many(editor, inv, [target] * len(variants), protect=[c.protect],
-                                leakage="replace", blend_words="auto" if b == "blend" else None,
-                                progress=False)
+                E.apply_protection = Dispatcher(editor, variants)
+                opts = EditOptions(protect=[c.protect], leakage="replace",
+                                   blend_words="auto" if b == "blend" else None)
+                res = editor.edit_many(inv, [target] * len(variants), opts, progress=False)
                 for v, r in zip(variants, res, strict=True):
                     img = r.image
                     recs[f"{b}/{v[0]}"].append({
@@ -193,7 +192,7 @@ def measure_edit(editor: Editor, cs: list[Case], steps: int, guidance: float, me
             if on_progress is not None:
                 on_progress(summarise(recs, t_inv))
     finally:
-        E.protect_embeddings = orig
+        E.apply_protection = orig
     return summarise(recs, t_inv)
 
 
@@ -250,13 +249,13 @@ def attention_mass(editor: Editor, cs: list[Case], steps: int, guidance: float) 
                                       "eos": [], "padding": []}
     try:
         for c in tqdm(cs, desc="attention mass"):
-            mass = torch.zeros(editor.max_tokens)
+            mass = torch.zeros(editor.model.max_tokens)
             unet.set_attn_processor(_MassProcessor(mass))
-            emb = editor.encode_text([c.sampled.caption])
+            emb = editor.model.encode_text([c.sampled.caption])
             generate_batch(editor, emb, [c.seed], steps, guidance)
             mass /= mass.sum()
             prot = find_phrase(tok, c.sampled.caption, c.protect)[0]
-            end = end_positions(tok, c.sampled.caption, editor.max_tokens)
+            end = end_positions(tok, c.sampled.caption, editor.model.max_tokens)
             words = [i for i in word_positions(tok, c.sampled.caption) if i not in prot]
             shares["bos"].append(float(mass[0]))
             shares["protected"].append(float(mass[prot].sum()))

@@ -1,7 +1,6 @@
 # ruff: noqa
-# Verbatim copy of shared/bench/reference_nti_gpu.py (the shared reference timing of the
-# published null-text loop at SD 1.5 size), kept in the repository because the GPU machine
-# receives only the repository (../shared does not travel). Do not edit: re-copy instead.
+# The reference timing of the published null-text loop at SD 1.5 size, kept verbatim (do
+# not edit it: it is the yardstick every speed figure is a ratio to).
 # tools/gpu_check.sh runs it in the same call as `pivot-edit bench gpu`.
 """Reference timing for null-text inversion at Stable Diffusion 1.5 size.
 

@@ -10,7 +10,7 @@ editor, so two people editing at once never see each other's images. The handler
 engine logic: they validate input, call the :class:`~editor.model.Editor` verbs and
 turn ``ValueError`` into ``gr.Error`` (a message on the page; the app keeps running).
 
-Named API endpoints (``gradio_client``): ``/invert`` and ``/edit``; see README.
+Named API endpoints (``gradio_client``): ``/invert`` and ``/edit``; see docs/web-app.md.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -36,12 +35,16 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402 - the analytics switch must be set before the import
 
-from editor.editing import NOISE_MASK_THRESHOLD  # noqa: E402
+from editor.fileio import slugify  # noqa: E402
 from editor.images import image_hash, load_image, psnr  # noqa: E402
-from editor.inversion import METHODS, Inversion  # noqa: E402
+from editor.inversion import Inversion  # noqa: E402
+from editor.options import LEAKAGE_MODES, METHODS, EditOptions, InvertOptions  # noqa: E402
 
 if TYPE_CHECKING:  # pragma: no cover
-    from editor.model import Editor
+    from editor import Editor
+
+#: the controls' initial values: the engine's own defaults
+EDIT_DEFAULTS, INVERT_DEFAULTS = EditOptions(), InvertOptions()
 
 #: Bounded queue: at most this many jobs waiting.
 QUEUE_MAX_SIZE = 16
@@ -55,7 +58,6 @@ MAX_EDITS = 24
 DISPLAY_MIN_SIDE = 256
 #: A session's inversion is forgotten after this many seconds without use.
 SESSION_TTL_S = 2 * 3600
-LEAKAGE_MODES_FALLBACK = ("none", "project", "replace", "both")
 
 #: Page style; pass it to ``demo.launch(css=CSS)`` (Gradio 6 takes CSS at launch).
 #: Small images (the bundled model's 64 px) fill their frame with visible pixels.
@@ -139,10 +141,6 @@ def _new_file(ctx: AppContext, name: str) -> Path:
     return folder / name
 
 
-def _slug(text: str, n: int = 40) -> str:
-    return (re.sub(r"[^0-9a-zA-Z]+", "-", text).strip("-").lower() or "edit")[:n]
-
-
 def parse_words(text: str | None) -> list[str]:
     """``"red, blue circle"`` -> ``["red", "blue circle"]`` (comma-separated, blanks dropped)."""
     return [w.strip() for w in (text or "").split(",") if w.strip()]
@@ -193,13 +191,8 @@ def attention_picture(amap: Any, base: Image.Image | None, size: int = DISPLAY_M
 
 
 def leakage_modes() -> tuple[str, ...]:
-    """The leakage modes the engine offers (``editor.embeddings.MODES``)."""
-    try:
-        from editor.embeddings import MODES
-
-        return tuple(MODES)
-    except ImportError:  # pragma: no cover - the module ships with the engine
-        return LEAKAGE_MODES_FALLBACK
+    """The leakage modes the engine offers."""
+    return tuple(LEAKAGE_MODES)
 
 
 def example_files(folder: str | Path | None = None) -> list[tuple[str, str]]:
@@ -283,13 +276,12 @@ def invert_image(
         raise gr.Error("No image: upload one or pick an example first.")
     try:
         prompt = editor.check_prompt(caption or "", what="caption")
-        if method not in METHODS:
-            raise ValueError(f"unknown inversion method {method!r}; use one of {', '.join(METHODS)}")
-        steps = int(steps)
-        guidance = float(guidance)
+        options = InvertOptions(method=method, steps=_whole(steps, "steps"),
+                                guidance=float(guidance))
         img = load_image(image)
-    except ValueError as exc:
+    except (TypeError, ValueError) as exc:
         raise _fail(exc) from None
+    steps, guidance = options.steps, options.guidance
     key = (image_hash(img), prompt, method, steps, guidance, editor.fingerprint)
     if session.key == key and session.inversion is not None and session.reconstruction is not None:
         inv = session.inversion
@@ -298,7 +290,7 @@ def invert_image(
         return display(session.reconstruction), status, str(path), _gallery(session), session
     progress(0, desc="inverting")
     try:
-        inv = editor.invert(img, prompt, method=method, steps=steps, guidance=guidance)
+        inv = editor.invert(img, prompt, options)
         recon = editor.reconstruct(inv)
     except ValueError as exc:
         raise _fail(exc) from None
@@ -348,19 +340,19 @@ def edit_image(
     inv = session.inversion
     try:
         target = editor.check_prompt(target or "", what="target prompt")
-        kwargs = _edit_kwargs(
+        options = edit_options(
             cross_replace, self_replace, local_blend, blend_words, reweight, protect, leakage,
             mask_threshold,
         )
         progress(0, desc="editing")
-        result = editor.edit(inv, target, **kwargs)
-    except ValueError as exc:
+        result = editor.edit(inv, target, options)
+    except (TypeError, ValueError) as exc:
         raise _fail(exc) from None
     edited = result.image
     before = session.source if session.source is not None else getattr(result, "source", None)
     if before is None:
         before = session.reconstruction
-    path = _new_file(ctx, f"edit-{_slug(target)}.png")
+    path = _new_file(ctx, f"edit-{slugify(target, 40)}.png")
     edited.save(path)
     edits = ([(edited, target)] + session.edits)[:MAX_EDITS]
     new = dataclasses.replace(session, edits=edits)
@@ -374,7 +366,15 @@ def edit_image(
     return (display(before), display(edited)), _gallery(new), maps, str(path), status, new
 
 
-def _edit_kwargs(
+def _whole(value: Any, name: str) -> int:
+    """A slider's number as an integer (``50.0`` -> 50; ``50.5`` is an error)."""
+    v = float(value)
+    if not v.is_integer():
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    return int(v)
+
+
+def edit_options(
     cross_replace: float,
     self_replace: float,
     local_blend: bool,
@@ -383,8 +383,8 @@ def _edit_kwargs(
     protect: str,
     leakage: str,
     mask_threshold: float,
-) -> dict[str, Any]:
-    """The advanced panel's fields as :func:`editor.editing.edit` keyword arguments.
+) -> EditOptions:
+    """The advanced panel's fields as :class:`~editor.options.EditOptions`.
 
     Local blending off -> ``blend_words=None``; on with no words -> the engine's ``"auto"``
     (the words that differ between caption and target), whose mask is thresholded at
@@ -405,7 +405,7 @@ def _edit_kwargs(
     if phrases := parse_words(protect):
         kwargs["protect"] = phrases
         kwargs["leakage"] = leakage
-    return kwargs
+    return EditOptions.from_mapping(kwargs)
 
 
 def invalidate(session: Session | None) -> tuple[Session, str, None, list, None]:
@@ -452,16 +452,14 @@ def build_demo(
     *,
     workdir: str | Path | None = None,
     examples_dir: str | Path | None = None,
-    method: str = "null-text",
-    steps: int = 50,
+    method: str = INVERT_DEFAULTS.method,
+    steps: int = INVERT_DEFAULTS.steps,
 ) -> gr.Blocks:
     """The page: upload + caption -> Invert -> target prompt -> Edit, with an advanced panel.
 
     ``workdir`` is where downloads (edited PNGs, inversion files) are written;
     ``method``/``steps`` are the initial inversion settings shown on the page.
     """
-    from editor.editing import DEFAULT_LEAKAGE
-
     ctx = make_context(editor, workdir)
     modes = leakage_modes()
     with gr.Blocks(title="pivot-edit", analytics_enabled=False,
@@ -481,7 +479,8 @@ def build_demo(
                                             elem_id="method")
                     steps_in = gr.Slider(5, 100, value=steps, step=1, label="Steps",
                                          elem_id="steps")
-                    guidance = gr.Slider(1, 15, value=7.5, step=0.5, label="Guidance",
+                    guidance = gr.Slider(1, 15, value=INVERT_DEFAULTS.guidance, step=0.5,
+                                         label="Guidance",
                                          elem_id="guidance")
                 invert_btn = gr.Button("Invert", variant="primary", elem_id="invert")
                 examples = example_files(examples_dir)
@@ -504,10 +503,10 @@ def build_demo(
             edit_btn = gr.Button("Edit", variant="primary", scale=1, elem_id="edit")
         with gr.Accordion("Advanced", open=False, elem_id="advanced"):
             with gr.Row():
-                cross = gr.Slider(0, 1, value=0.8, step=0.05, label="Cross-attention replace "
-                                  "(fraction of steps)")
-                self_ = gr.Slider(0, 1, value=0.4, step=0.05, label="Self-attention replace "
-                                  "(fraction of steps)")
+                cross = gr.Slider(0, 1, value=EDIT_DEFAULTS.cross_replace, step=0.05,
+                                  label="Cross-attention replace (fraction of steps)")
+                self_ = gr.Slider(0, 1, value=EDIT_DEFAULTS.self_replace, step=0.05,
+                                  label="Self-attention replace (fraction of steps)")
             with gr.Row():
                 local_blend = gr.Checkbox(True, label="Local blending (keep everything outside "
                                           "the edited words' region)")
@@ -515,14 +514,14 @@ def build_demo(
                                    placeholder="circle")
                 reweight = gr.Textbox("", label="Reweight (word=factor, comma-separated)",
                                       placeholder="blue=2.0, background=0.5")
-                mask_threshold = gr.Slider(0.05, 0.95, value=NOISE_MASK_THRESHOLD, step=0.05,
+                mask_threshold = gr.Slider(0.05, 0.95, value=EDIT_DEFAULTS.noise_threshold, step=0.05,
                                            label="Blend mask threshold (automatic blend; lower "
                                            "covers more)", elem_id="mask-threshold")
             with gr.Row():
                 protect = gr.Textbox("", label="Protected phrases (comma-separated; must be in the "
                                      "target)", placeholder="white background")
                 leakage = gr.Dropdown(list(modes), label="Leakage control for protected phrases",
-                                      value=DEFAULT_LEAKAGE if DEFAULT_LEAKAGE in modes else modes[0])
+                                      value=EDIT_DEFAULTS.leakage)
         with gr.Row():
             slider = gr.ImageSlider(label="Before / after", format="png", elem_id="slider",
                                     max_height=400)

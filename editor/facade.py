@@ -1,0 +1,176 @@
+"""The :class:`Editor` facade: one loaded model and the engine's verbs.
+
+The web app, the CLI, batch runs and comparisons call these methods and nothing below
+them. Each verb takes its options as one dataclass (:mod:`editor.options`), checks its
+inputs, takes the model's lock for every use of the UNet (an edit installs attention
+processors on the one UNet, so two threads must not interleave), and delegates to the
+module that holds its concept. Nothing about the last image or inversion is kept here, so
+one ``Editor`` can serve many users; what it does keep is shared and per model (the
+fast-path objects, whose captured CUDA graphs are reused).
+
+    from editor import Editor, EditOptions
+    ed = Editor.from_pretrained("shapes")
+    inv = ed.invert("photo.png", "a red circle on a white background")
+    res = ed.edit(inv, "a blue circle on a white background", EditOptions(self_replace=0.6))
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from PIL import Image
+
+from . import editing, inversion, sampling
+from .editing import EditResult
+from .embeddings import protect_embeddings
+from .fastpath import FastPath, resolve_fast
+from .inversion import Inversion
+from .model import BUNDLED, Model
+from .options import EditOptions, GenerateOptions, InvertOptions
+from .progress import Callback
+
+if TYPE_CHECKING:  # pragma: no cover
+    from diffusers import StableDiffusionPipeline
+
+
+@dataclass
+class Editor:
+    """A loaded :class:`~editor.model.Model` plus the verbs generate, invert, reconstruct, edit."""
+
+    model: Model
+    _fast: dict[tuple, FastPath | None] = field(default_factory=dict, repr=False, compare=False)
+    _fast_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    # -- loading ------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, model: str = BUNDLED, device: str | torch.device | None = None,
+                        dtype: str | torch.dtype | None = None) -> Editor:
+        """Load ``"shapes"`` (bundled), ``"auto"``, a hub id or a local diffusers folder."""
+        return cls(Model.from_pretrained(model, device=device, dtype=dtype))
+
+    @classmethod
+    def from_pipe(cls, pipe: StableDiffusionPipeline, model_id: str, *,
+                  device: str | torch.device | None = None) -> Editor:
+        """An editor over a pipeline built in memory (tests, benchmarks)."""
+        return cls(Model.from_pipe(pipe, model_id, device=device))
+
+    # -- what the faces read --------------------------------------------------------------------
+
+    @property
+    def pipe(self) -> StableDiffusionPipeline:
+        return self.model.pipe
+
+    @property
+    def model_id(self) -> str:
+        return self.model.model_id
+
+    @property
+    def notice(self) -> str | None:
+        return self.model.notice
+
+    @property
+    def fingerprint(self) -> str:
+        return self.model.fingerprint
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
+    def native_size(self) -> int:
+        return self.model.native_size
+
+    @property
+    def is_bundled(self) -> bool:
+        return self.model.is_bundled
+
+    @property
+    def lock(self) -> threading.RLock:
+        return self.model.lock
+
+    def check_prompt(self, prompt: str, *, allow_empty: bool = False, what: str = "prompt") -> str:
+        return self.model.check_prompt(prompt, allow_empty=allow_empty, what=what)
+
+    def fast_path(self, mode: str | None) -> FastPath | None:
+        """The editor's own :class:`FastPath` for ``mode`` (``None``/``"auto"``/a mode name),
+        made once per mode so that its prepared UNets and captured graphs are reused."""
+        key = (mode, str(self.device))
+        with self._fast_lock:
+            if key not in self._fast:
+                self._fast[key] = resolve_fast(mode, self.device)
+            return self._fast[key]
+
+    # -- verbs ----------------------------------------------------------------------------------
+
+    def generate(self, prompt: str, options: GenerateOptions | None = None, *,
+                 generator: torch.Generator | None = None) -> Image.Image:
+        """Text to image with classifier-free guidance (Ho & Salimans 2022).
+
+        ``generator``: the noise's source (default: a CPU generator seeded with
+        ``options.seed``). ``options.protect``/``leakage`` apply a leakage control
+        (:mod:`editor.embeddings`) to the prompt's encoding before sampling.
+        """
+        o = options or GenerateOptions()
+        m = self.model
+        prompt = m.check_prompt(prompt)
+        negative = m.check_prompt(o.negative_prompt, allow_empty=True, what="negative prompt")
+        size = m.native_size
+        gen = generator or torch.Generator("cpu").manual_seed(int(o.seed))
+        with m.lock:
+            emb = m.encode_text([prompt])
+            if o.protect and o.leakage != "none":
+                emb = protect_embeddings(m, prompt, emb, protect=list(o.protect), mode=o.leakage)
+            neg = m.encode_text([negative])
+            out = m.pipe(
+                prompt_embeds=emb, negative_prompt_embeds=neg, num_inference_steps=o.steps,
+                guidance_scale=o.guidance, generator=gen, height=o.height or size,
+                width=o.width or size,
+            )
+        return out.images[0]
+
+    def invert(self, image: Image.Image | str | Path, prompt: str,
+               options: InvertOptions | None = None, *, callback: Callback | None = None,
+               progress: bool = True) -> Inversion:
+        """Invert a real image under its caption; see :func:`editor.inversion.invert_batch`."""
+        return self.invert_batch([image], [prompt], options, callback=callback,
+                                 progress=progress)[0]
+
+    def invert_batch(self, images: Sequence[Image.Image | str | Path], prompts: Sequence[str],
+                     options: InvertOptions | None = None, *, callback: Callback | None = None,
+                     progress: bool = True) -> list[Inversion]:
+        """Several images, each under its caption, in one batched run."""
+        o = options or InvertOptions()
+        fast = self.fast_path(o.fast) if o.method == "null-text" else None
+        with self.model.lock:
+            return inversion.invert_batch(self.model, list(images), list(prompts), o, fast=fast,
+                                          callback=callback, progress=progress)
+
+    def reconstruct(self, inv: Inversion, *, progress: bool = True) -> Image.Image:
+        """Guided sampling back from an inversion with its own prompt."""
+        with self.model.lock:
+            return sampling.reconstruct(self.model, inv, progress=progress)
+
+    def edit(self, inv: Inversion, target: str, options: EditOptions | None = None, *,
+             callback: Callback | None = None, progress: bool = True) -> EditResult:
+        """Prompt-to-Prompt edit of an inversion; see :func:`editor.editing.edit_many`."""
+        return self.edit_many(inv, [target], options, callback=callback, progress=progress)[0]
+
+    def edit_many(self, inv: Inversion, targets: Sequence[str],
+                  options: EditOptions | None = None, *, callback: Callback | None = None,
+                  progress: bool = True) -> list[EditResult]:
+        """Several targets of one inversion in one batched run (source row shared)."""
+        if isinstance(targets, str):
+            targets = [targets]
+        with self.model.lock:
+            return editing.edit_many(self.model, inv, list(targets), options,
+                                     callback=callback, progress=progress)
