@@ -27,10 +27,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-#: Self-attention injection only on maps with at most this fraction of the latent's
-#: positions (the published notebook: 32x32 maps at a 64x64 latent, i.e. 1/4).
-SELF_REPLACE_MAX_FRACTION = 0.25
-
 
 @dataclass(frozen=True)
 class LayerInfo:
@@ -43,6 +39,11 @@ class LayerInfo:
     @property
     def queries(self) -> int:
         return self.size[0] * self.size[1]
+
+    @property
+    def mid(self) -> bool:
+        """Whether the layer is in the UNet's mid block."""
+        return self.name.startswith("mid_block")
 
 
 def describe_layers(unet: torch.nn.Module, latent_hw: tuple[int, int]) -> dict[str, LayerInfo]:
@@ -188,53 +189,73 @@ def attention_control(
         unet.set_attn_processor(originals)
 
 
+StoreKey = tuple[int, int, bool]  # (h, w, mid block?)
+
+
+def store_key(layer: LayerInfo) -> StoreKey:
+    """Which running sum a cross-attention layer's maps go to: its size, and whether it is
+    the UNet's mid block (P2P's local blend reads the down and up blocks' maps only)."""
+    return (layer.size[0], layer.size[1], layer.mid)
+
+
 class AttentionStore:
     """Running sums of conditional cross-attention maps, averaged over heads.
 
-    ``sums[(h, w)]`` is ``rows x (h*w) x tokens``: summed over the layers of that
-    size and over steps (P2P's ``attention_store``); ``counts`` the number of terms.
+    ``sums[key]`` is ``rows x (h*w) x tokens``, summed over the layers with that
+    :func:`store_key` and over steps (P2P's ``attention_store``); ``counts`` the number of
+    terms. Maps are stored as the controller leaves them, i.e. after injection (the
+    published controller edits the stored tensor in place).
     """
 
-    def __init__(self, sizes: set[tuple[int, int]]) -> None:
-        self.sizes = set(sizes)
-        self.sums: dict[tuple[int, int], torch.Tensor] = {}
-        self.counts: dict[tuple[int, int], int] = {}
+    def __init__(self, keys: set[StoreKey]) -> None:
+        self.keys = set(keys)
+        self.sums: dict[StoreKey, torch.Tensor] = {}
+        self.counts: dict[StoreKey, int] = {}
 
-    def add(self, size: tuple[int, int], maps: torch.Tensor) -> None:
+    def wants(self, layer: LayerInfo) -> bool:
+        return layer.cross and store_key(layer) in self.keys
+
+    def add(self, key: StoreKey, maps: torch.Tensor) -> None:
         maps = maps.detach().float()
-        if size in self.sums:
-            self.sums[size] += maps
-            self.counts[size] += 1
+        if key in self.sums:
+            self.sums[key] += maps
+            self.counts[key] += 1
         else:
-            self.sums[size] = maps.clone()
-            self.counts[size] = 1
+            self.sums[key] = maps.clone()
+            self.counts[key] = 1
 
-    def average(self, sizes: list[tuple[int, int]] | None = None) -> torch.Tensor | None:
-        """Mean map over the given sizes, at the largest of them: ``rows x tokens x h x w``."""
-        sizes = [s for s in (sizes or sorted(self.sums)) if s in self.sums]
-        if not sizes:
+    def average(self, keys: list[StoreKey] | None = None) -> torch.Tensor | None:
+        """Mean map over the given keys, at the largest of their sizes: ``rows x tokens x h x w``."""
+        keys = [k for k in (keys or sorted(self.sums)) if k in self.sums]
+        if not keys:
             return None
-        top = max(sizes, key=lambda s: s[0] * s[1])
+        top = max((k[:2] for k in keys), key=lambda s: s[0] * s[1])
         out = None
-        for s in sizes:
-            m = self.sums[s] / self.counts[s]  # rows x q x L
-            m = m.permute(0, 2, 1).reshape(m.shape[0], m.shape[2], *s)
-            if s != top:
+        for k in keys:
+            m = self.sums[k] / self.counts[k]  # rows x q x L
+            m = m.permute(0, 2, 1).reshape(m.shape[0], m.shape[2], k[0], k[1])
+            if k[:2] != top:
                 m = F.interpolate(m, size=top, mode="bilinear", align_corners=False)
             out = m if out is None else out + m
-        return out / len(sizes)
+        return out / len(keys)
 
 
 class PromptToPrompt(AttentionController):
-    """P2P controller for one source row and ``K`` target rows (Hertz et al. 2022, sec. 3.2).
+    """P2P controller for one source row and ``K`` target rows (Hertz et al. 2022, sec. 3.2),
+    as the published controllers compute it (``AttentionReplace`` / ``AttentionRefine`` /
+    ``AttentionReweight`` of the null-text notebook).
 
-    Cross-attention of target ``k``: ``a * (A_src @ M_k) + (1 - a) * A_k`` with
-    ``a = cross_alpha[step, k] * token_alpha[k]`` (replace: ``token_alpha = 1``; refine:
-    0 on new tokens), then multiplied column-wise by ``equalizer[k]`` (reweight) while
-    ``step < reweight_until``. Self-attention of targets is replaced by the source's
-    for ``self_window[0] <= step < self_window[1]`` on layers with at most
-    ``self_max_queries`` queries. Cross maps of layers whose size is in ``store_sizes``
-    are stored (before editing) for local blending and display.
+    Cross-attention of target ``k`` at step ``i``, with ``a = cross_alpha[i, k]`` (the
+    injection window per token), ``t = token_alpha[k]`` (refine: 0 on new tokens; replace:
+    1) and ``e = equalizer[k]`` (reweight; 1 elsewhere)::
+
+        R = (A_src @ M_k) * t + A_k * (1 - t)          # replace / refine
+        A_k <- (R * e) * a + (1 - a) * A_k              # reweight scales the injected part
+
+    Self-attention of targets is replaced by the source's for
+    ``self_window[0] <= i < self_window[1]`` on layers with at most ``self_max_queries``
+    queries. Cross maps of the layers ``store`` wants are stored after the edit (for local
+    blending and display).
     """
 
     def __init__(
@@ -247,8 +268,7 @@ class PromptToPrompt(AttentionController):
         self_window: tuple[int, int] = (0, 0),
         self_max_queries: int = 0,
         equalizer: torch.Tensor | None = None,
-        reweight_until: int = 0,
-        store_sizes: set[tuple[int, int]] | None = None,
+        store_keys: set[StoreKey] | None = None,
     ) -> None:
         super().__init__()
         if rows < 1:
@@ -265,8 +285,7 @@ class PromptToPrompt(AttentionController):
         self.self_window = self_window
         self.self_max_queries = int(self_max_queries)
         self.equalizer = equalizer
-        self.reweight_until = int(reweight_until)
-        self.store = AttentionStore(store_sizes or set())
+        self.store = AttentionStore(store_keys or set())
 
     @property
     def edits_cross(self) -> bool:
@@ -278,7 +297,7 @@ class PromptToPrompt(AttentionController):
 
     def wants(self, layer: LayerInfo) -> bool:
         if layer.cross:
-            return self.edits_cross or layer.size in self.store.sizes
+            return self.edits_cross or self.store.wants(layer)
         return self.edits_self and layer.queries <= self.self_max_queries
 
     def __call__(self, probs: torch.Tensor, layer: LayerInfo, heads: int) -> torch.Tensor:
@@ -293,19 +312,19 @@ class PromptToPrompt(AttentionController):
         cond = p[total - self.rows :]  # view: edits write through into probs
         step = self.step
         if layer.cross:
-            if layer.size in self.store.sizes:
-                self.store.add(layer.size, cond.mean(1))
             if self.edits_cross:
                 base, own = cond[0], cond[1:]
                 mapped = torch.einsum("hqi,kij->khqj", base, self.mapper.to(base))
-                a = self.cross_alpha[min(step, self.cross_alpha.shape[0] - 1)].to(base)
                 if self.token_alpha is not None:
-                    a = a * self.token_alpha.to(base)
+                    t = self.token_alpha.to(base)[:, None, None, :]
+                    mapped = mapped * t + own * (1 - t)
+                if self.equalizer is not None:
+                    mapped = mapped * self.equalizer.to(base)[:, None, None, :]
+                a = self.cross_alpha[min(step, self.cross_alpha.shape[0] - 1)].to(base)
                 a = a[:, None, None, :]
-                new = a * mapped + (1 - a) * own
-                if self.equalizer is not None and step < self.reweight_until:
-                    new = new * self.equalizer.to(base)[:, None, None, :]
-                cond[1:] = new
+                cond[1:] = mapped * a + (1 - a) * own
+            if self.store.wants(layer):
+                self.store.add(store_key(layer), cond.mean(1))
         elif self.edits_self and self.self_window[0] <= step < self.self_window[1]:
             if layer.queries <= self.self_max_queries:
                 cond[1:] = cond[:1].expand_as(cond[1:])

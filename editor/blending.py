@@ -3,7 +3,8 @@
 - :class:`LocalBlend` turns the stored cross-attention maps of chosen words (the published
   P2P blend) or a DiffEdit-style prediction difference (Couairon et al. 2022) into a
   latent mask per row, and blends ``x_k = x_src + mask_k (x_k - x_src)``.
-- :func:`blend_sizes` picks the cross-attention map sizes the blend averages.
+- :func:`blend_keys` picks the cross-attention maps the blend averages (P2P's rule by
+  default: the down and up blocks' maps at their coarsest size).
 - :func:`make_blend` builds the blend an :class:`editor.plan.EditPlan` asks for.
 - :func:`composite` blends decoded images with the mask at pixel size (the bundled
   VAE's decoder lets edited latents re-colour the whole background).
@@ -24,40 +25,53 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .attention import AttentionStore, LayerInfo
+from .attention import AttentionStore, LayerInfo, StoreKey, store_key
 
 if TYPE_CHECKING:  # pragma: no cover
     from .plan import EditPlan
 
-#: Local blending reads cross-attention maps whose side is at least this fraction of the
-#: latent's side (bundled model, 16x16 latent: the 16x16 and 8x8 maps).
+#: ``blend_maps="half"`` reads cross-attention maps whose side is at least this fraction of
+#: the latent's side (bundled model, 16x16 latent: the 16x16 and 8x8 maps).
 BLEND_MIN_FRACTION = 0.5
 #: Noise-difference masks are estimated over this fraction of the first steps.
 NOISE_MASK_STEPS = 0.2
 
 
-def blend_sizes(layers: list[LayerInfo], latent_hw: tuple[int, int],
-                min_fraction: float = BLEND_MIN_FRACTION) -> list[tuple[int, int]]:
-    """Cross-attention map sizes used for blending: side >= ``min_fraction`` of the latent's
-    (at least the largest cross-attention size)."""
-    sizes = sorted({la.size for la in layers if la.cross}, key=lambda s: -s[0] * s[1])
-    if not sizes:
+def blend_keys(layers: list[LayerInfo], latent_hw: tuple[int, int], rule: str = "published",
+               min_fraction: float = BLEND_MIN_FRACTION) -> list[StoreKey]:
+    """The stored cross-attention maps a blend (or the displayed maps) average.
+
+    - ``"published"``: the down and up blocks' maps at their coarsest size, as P2P's
+      ``LocalBlend`` (``attention_store["down_cross"][2:4] + ["up_cross"][:3]``, the five
+      16x16 maps of SD 1.5 at 512 px; never the mid block's); the bundled model: its 8x8.
+    - ``"half"``: every map whose side is at least ``min_fraction`` of the latent's (at
+      least the largest one); the bundled model: 16x16 and 8x8; SD 1.5: 64x64 and 32x32.
+    """
+    cross = [la for la in layers if la.cross]
+    if not cross:
         raise ValueError("the UNet has no cross-attention layers; Prompt-to-Prompt cannot edit it")
-    keep = [s for s in sizes if min(s[0] / latent_hw[0], s[1] / latent_hw[1]) >= min_fraction]
-    return keep or sizes[:1]
+    keys = sorted({store_key(la) for la in cross}, key=lambda k: -k[0] * k[1])
+    if rule == "published":
+        outer = [k for k in keys if not k[2]] or keys
+        return [min(outer, key=lambda k: k[0] * k[1])]
+    if rule == "half":
+        keep = [k for k in keys if min(k[0] / latent_hw[0], k[1] / latent_hw[1]) >= min_fraction]
+        return keep or keys[:1]
+    raise ValueError(f"unknown blend_maps rule {rule!r}; use 'published' or 'half'")
 
 
-def make_blend(plan: EditPlan, sizes: list[tuple[int, int]], steps: int) -> LocalBlend | None:
-    """The local blend ``plan`` asks for (``None``: blending off, or no word to blend)."""
+def make_blend(plan: EditPlan, keys: list[StoreKey], steps: int) -> LocalBlend | None:
+    """The local blend ``plan`` asks for (``None``: blending off, or no word to blend).
+    Blending starts at step ``int(blend_start * steps)``, as published."""
     o = plan.options
     sub = plan.sub if o.blend_subtract else None
-    start = int(round(o.blend_start * steps))
+    start = int(o.blend_start * steps)
     if plan.mask_source == "noise":
-        return LocalBlend(None, sizes, start=start, subtract=sub, source="noise",
+        return LocalBlend(None, keys, start=start, subtract=sub, source="noise",
                           noise_until=max(1, int(round(NOISE_MASK_STEPS * steps))),
                           noise_threshold=float(o.noise_threshold))
     if plan.mask_source == "attention" and plan.add.any():
-        return LocalBlend(plan.add, sizes, start=start, threshold=o.blend_threshold, subtract=sub)
+        return LocalBlend(plan.add, keys, start=start, threshold=o.blend_threshold, subtract=sub)
     return None
 
 
@@ -79,7 +93,7 @@ class LocalBlend:
     Two sources for the region, both giving ``rows x 1 x h x w`` masks at latent size:
 
     - ``"attention"`` (the published P2P blend): ``add`` (``rows x tokens``) selects each
-      row's words; their stored cross-attention maps (``sizes``) are averaged, max-pooled
+      row's words; their stored cross-attention maps (``keys``, :func:`blend_keys`) are averaged, max-pooled
       3x3, resized to the latent, normalised by the max and thresholded; the source row's
       mask is united with each target's.
     - ``"noise"`` (DiffEdit's mask, Couairon et al. 2022, sec. 3.1, computed inside the
@@ -95,7 +109,7 @@ class LocalBlend:
     def __init__(
         self,
         add: torch.Tensor | None,
-        sizes: list[tuple[int, int]],
+        keys: list[StoreKey],
         *,
         start: int,
         threshold: float = 0.3,
@@ -106,12 +120,12 @@ class LocalBlend:
     ) -> None:
         if source not in ("attention", "noise"):
             raise ValueError(f"unknown blend mask source {source!r}; use 'attention' or 'noise'")
-        if source == "attention" and (add is None or not sizes):
-            raise ValueError("attention blending needs words and at least one stored map size")
+        if source == "attention" and (add is None or not keys):
+            raise ValueError("attention blending needs words and at least one stored map")
         if source == "noise" and noise_until < 1:
             raise ValueError("noise blending needs at least one step to estimate its mask")
         self.add, self.subtract = add, subtract
-        self.sizes = list(sizes)
+        self.keys = list(keys)
         self.start = int(start)
         self.threshold = float(threshold)
         self.source = source
@@ -135,7 +149,7 @@ class LocalBlend:
         """Boolean mask ``rows x 1 x h x w`` at latent size (None before anything was observed)."""
         # word maps: the attention mask's source, and the noise mask's subtract words only
         need_maps = self.source == "attention" or self.subtract is not None
-        maps = store.average(self.sizes) if need_maps and self.sizes else None
+        maps = store.average(self.keys) if need_maps and self.keys else None
         if self.source == "noise":
             if self.noise is None:
                 return None

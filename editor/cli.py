@@ -18,7 +18,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .options import EDIT_MODES, LEAKAGE_MODES, METHODS, EditOptions, GenerateOptions, InvertOptions
+from .options import (
+    BLEND_MAPS,
+    EDIT_MODES,
+    LEAKAGE_MODES,
+    METHODS,
+    SELF_LAYER_RULES,
+    EditOptions,
+    GenerateOptions,
+    InvertOptions,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .facade import Editor
@@ -314,7 +323,8 @@ def edit_options(args: argparse.Namespace) -> EditOptions:
     values = given(args, {"cross_replace": "cross_replace", "self_replace": "self_replace",
                           "mode": "mode", "protect": "protect", "guidance": "guidance",
                           "blend_subtract": "blend_subtract", "noise_threshold": "mask_threshold",
-                          "leakage": "leakage"})
+                          "leakage": "leakage", "blend_threshold": "blend_threshold",
+                          "blend_maps": "blend_maps", "self_max_fraction": "self_layers"})
     reweight = parse_reweight(args.reweight)
     if reweight:
         values["reweight"] = reweight
@@ -532,6 +542,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="automatic blend mask: threshold on the normalised prediction "
                         f"difference (default {_EDIT.noise_threshold}; 0.3 suits shape swaps, "
                         "see docs/methods.md)")
+    p.add_argument("--blend-threshold", type=float, default=None, metavar="T",
+                   help="threshold of the word-map blend (--blend WORD..; default "
+                        f"{_EDIT.blend_threshold}, as published)")
+    p.add_argument("--blend-maps", default=None, choices=list(BLEND_MAPS),
+                   help="cross-attention maps the word-map blend reads: 'published' (the down "
+                        "and up blocks' coarsest maps, as P2P) or 'half' (every map of at least "
+                        f"half the latent's side); default {_EDIT.blend_maps}")
+    p.add_argument("--self-layers", default=None, choices=list(SELF_LAYER_RULES),
+                   help="which self-attention maps are injected: 'null-text' (at most 1/4 of the "
+                        "latent's positions, the null-text notebook) or 'prompt-to-prompt' (at "
+                        f"most 1/16); default {_EDIT.self_max_fraction}")
     p.add_argument("--reweight", nargs="+", metavar="WORD=SCALE",
                    help="scale words' attention and share of the text encoding, e.g. red=1.5")
     p.add_argument("--mode", default=_EDIT.mode, choices=list(EDIT_MODES),

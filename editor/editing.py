@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .attention import PromptToPrompt, describe_layers
-from .blending import LocalBlend, blend_sizes, composite, make_blend
+from .attention import PromptToPrompt, StoreKey, describe_layers
+from .blending import LocalBlend, blend_keys, composite, make_blend
 from .embeddings import apply_protection, reweight_rows
 from .options import EditOptions
 from .plan import EditPlan, plan_edit
@@ -73,7 +73,8 @@ class PreparedEdit:
     emb: torch.Tensor  # rows x L x D, fp32: source row, then the targets
     controller: PromptToPrompt
     blend: LocalBlend | None
-    sizes: list[tuple[int, int]]
+    blend_keys: list[StoreKey]
+    display_keys: list[StoreKey]
     guidance: float
 
 
@@ -112,15 +113,15 @@ def prepare(model: Model, inv: Inversion, targets: Sequence[str],
     emb = encode_rows(model, plan)
     latent_hw = (int(inv.z_T.shape[-2]), int(inv.z_T.shape[-1]))
     layers = list(describe_layers(model.unet, latent_hw).values())
-    sizes = blend_sizes(layers, latent_hw)
-    c_alpha, reweight_until = plan.cross_alpha(steps)
+    keys = blend_keys(layers, latent_hw, o.blend_maps)
+    shown = blend_keys(layers, latent_hw, "half")  # the maps the result shows per word
     controller = PromptToPrompt(
         rows=plan.rows, mapper=plan.mapper(), token_alpha=plan.token_alpha(),
-        cross_alpha=c_alpha, self_window=plan.self_window(steps),
-        self_max_queries=int(latent_hw[0] * latent_hw[1] * float(o.self_max_fraction)),
-        equalizer=plan.equalizer, reweight_until=reweight_until, store_sizes=set(sizes),
+        cross_alpha=plan.cross_alpha(steps), self_window=plan.self_window(steps),
+        self_max_queries=int(latent_hw[0] * latent_hw[1] * o.self_fraction),
+        equalizer=plan.equalizer, store_keys=set(keys) | set(shown),
     )
-    return PreparedEdit(plan, emb, controller, make_blend(plan, sizes, steps), sizes, w)
+    return PreparedEdit(plan, emb, controller, make_blend(plan, keys, steps), keys, shown, w)
 
 
 # -- 3. collect --------------------------------------------------------------------------------------
@@ -149,11 +150,11 @@ def collect(model: Model, inv: Inversion, prep: PreparedEdit, latents: torch.Ten
     if pix is not None:
         images = [images[0]] + [composite(images[0], im, pix[k])
                                 for k, im in enumerate(images[1:], start=1)]
-    maps = prep.controller.store.average(prep.sizes)
+    maps = prep.controller.store.average(prep.display_keys)
     src_maps = _word_maps(None if maps is None else maps[0], plan.source)
     common = {
         **o.to_dict(), "blend_mask": plan.mask_source or "none",
-        "blend_sizes": [list(s) for s in prep.sizes], "guidance": prep.guidance,
+        "blend_sizes": [list(k[:2]) for k in prep.blend_keys], "guidance": prep.guidance,
         "leakage": o.leakage if o.protect else "none",
         "method": inv.method, "steps": inv.steps, "batch": plan.rows,
     }

@@ -257,7 +257,7 @@ def reweight_rows(encode: Encode, emb: torch.Tensor, steps: Sequence[ReweightSte
 
     ``X_s = X_without + s (X - X_without)`` with ``s`` clipped to ``[0, 1]``,
     ``X_without`` = the prompt encoded without the word, its rows aligned to the prompt's
-    by :func:`editor.prompts.refine_mapper` (the word's own rows keep ``X``; their
+    by :func:`editor.prompts.refine_mapper` with in-order padding (the word's own rows keep ``X``; their
     attention is scaled by the P2P equalizer with the unclipped factor). A causal text
     encoder writes every word into all later rows, end and padding rows included; on the
     bundled model those carry most of the attention, so attention column scaling alone
@@ -283,6 +283,6 @@ def reweight_embedding(model: Model, prompt: str, emb: torch.Tensor,
     steps = []
     for word, scale in reweight.items():
         rest = P.without_word(prompt, word)
-        index, alpha = P.refine_mapper_of(P.tokenize(tok, rest), pt, emb.shape[0])
+        index, alpha = P.refine_mapper_of(P.tokenize(tok, rest), pt, emb.shape[0], "in-order")
         steps.append(ReweightStep(word, float(scale), rest, index, alpha))
     return reweight_rows(model.encode_text, emb, steps)

@@ -30,6 +30,15 @@ EDIT_MODES = ("auto", "replace", "refine")
 BLEND_MASKS = ("auto", "attention", "noise")
 #: Leakage controls on the text encoding (:mod:`editor.embeddings`).
 LEAKAGE_MODES = ("none", "project", "replace", "both")
+#: Which self-attention maps P2P injects, by name: the largest share of the latent's
+#: positions a map may have. ``"null-text"``: the null-text notebook's ``<= 32**2`` queries
+#: at a 64x64 latent (1/4); ``"prompt-to-prompt"``: ``<= 16**2`` (1/16), as the
+#: prompt-to-prompt_stable notebook and diffusers' Prompt2Prompt pipeline.
+SELF_LAYER_RULES = {"null-text": 0.25, "prompt-to-prompt": 1 / 16}
+#: Which cross-attention maps the attention blend averages: ``"published"`` (the down and
+#: up blocks' maps at their coarsest size, as P2P's LocalBlend: 16x16 for SD 1.5 at 512 px)
+#: or ``"half"`` (every map whose side is at least half the latent's).
+BLEND_MAPS = ("published", "half")
 #: Largest step count any verb accepts.
 MAX_STEPS = 1000
 #: Largest guidance scale accepted (finite and sane; SD is used at 1-30).
@@ -266,16 +275,20 @@ class EditOptions(_Options):
       removed; token alignment), ``auto`` (by word count), chosen per target.
     - ``cross_replace``: fraction of steps (or ``(start, end)``, or a per-word mapping with
       an optional ``"default_"`` entry) during which targets take the source's
-      cross-attention. ``self_replace``: likewise for self-attention, on maps of at most
-      ``self_max_fraction`` of the latent's positions.
+      cross-attention (steps ``int(f * (steps + 1))``, as published). ``self_replace``:
+      likewise for self-attention (``int(f * steps)``), on maps of at most
+      ``self_max_fraction`` of the latent's positions (a number, or a named rule of
+      :data:`SELF_LAYER_RULES`).
     - ``blend_words``: ``"auto"`` (blend where the prompt change acts, see ``blend_mask``),
       words (looked up in the source and each target), or ``None`` / ``()`` for no local
       blending. ``blend_subtract``: words whose region is kept out of the mask.
     - ``blend_mask``: ``"auto"`` (``"noise"`` for ``blend_words="auto"``, else
       ``"attention"``), ``"attention"`` (P2P: the words' cross-attention maps thresholded
       at ``blend_threshold``), ``"noise"`` (DiffEdit-style prediction difference,
-      thresholded at ``noise_threshold`` of its max). ``blend_start``: fraction of steps
-      before blending starts. ``pixel_blend``: also composite the decoded images.
+      thresholded at ``noise_threshold`` of its max). ``blend_maps``: which cross-attention
+      maps the attention blend reads (:data:`BLEND_MAPS`). ``blend_start``: fraction of
+      steps before blending starts (``int(f * steps)``). ``pixel_blend``: also composite
+      the decoded images.
     - ``reweight``: ``{word: scale}`` on the target's attention columns while
       cross-attention is injected; with ``reweight_text`` also on the word's share of the
       text encoding (scales clipped to [0, 1] there).
@@ -288,12 +301,13 @@ class EditOptions(_Options):
     mode: str = "auto"
     cross_replace: Window | Mapping[str, Window] = 0.8
     self_replace: Window = 0.4
-    self_max_fraction: float = 0.25
+    self_max_fraction: float | str = "null-text"
     blend_words: str | tuple[str, ...] | None = "auto"
     blend_subtract: tuple[str, ...] = ()
     blend_threshold: float = 0.3
     blend_start: float = 0.2
     blend_mask: str = "auto"
+    blend_maps: str = "published"
     noise_threshold: float = 0.5
     pixel_blend: bool = True
     reweight: Mapping[str, float] = field(default_factory=dict)
@@ -316,8 +330,12 @@ class EditOptions(_Options):
         else:
             self._set("cross_replace", check_window("cross_replace", cr))
         self._set("self_replace", check_window("self_replace", self.self_replace))
-        self._set("self_max_fraction",
-                  check_number("self_max_fraction", self.self_max_fraction, 0.0, 1.0))
+        if isinstance(self.self_max_fraction, str):
+            check_choice("self_max_fraction", self.self_max_fraction, tuple(SELF_LAYER_RULES),
+                         "self-attention rule")
+        else:
+            self._set("self_max_fraction",
+                      check_number("self_max_fraction", self.self_max_fraction, 0.0, 1.0))
         bw = self.blend_words
         if bw is False:
             bw = None
@@ -329,6 +347,7 @@ class EditOptions(_Options):
                                                   1.0, hi_open=True))
         self._set("blend_start", check_number("blend_start", self.blend_start, 0.0, 1.0))
         check_choice("blend_mask", self.blend_mask, BLEND_MASKS)
+        check_choice("blend_maps", self.blend_maps, BLEND_MAPS)
         self._set("noise_threshold", check_number("noise_threshold", self.noise_threshold, 0.0,
                                                   1.0, hi_open=True))
         for name in ("pixel_blend", "reweight_text"):
@@ -352,6 +371,12 @@ class EditOptions(_Options):
         if self.guidance is not None:
             self._set("guidance", check_number("guidance", self.guidance, 1.0, MAX_GUIDANCE))
         return self
+
+    @property
+    def self_fraction(self) -> float:
+        """``self_max_fraction`` as a number (a named rule resolved)."""
+        v = self.self_max_fraction
+        return SELF_LAYER_RULES[v] if isinstance(v, str) else float(v)
 
     @property
     def blends(self) -> bool:

@@ -24,11 +24,12 @@ from .options import EditOptions, Window
 from .prompts import PromptTokens, TargetPlan
 
 
-def step_window(value: Window, steps: int) -> tuple[int, int]:
-    """A fraction ``f`` (= ``(0, f)``) or a ``(start, end)`` pair of fractions -> step range
-    (``round(f * steps)``; the options have validated the values)."""
+def step_window(value: Window, n: int) -> tuple[int, int]:
+    """A fraction ``f`` (= ``(0, f)``) or a ``(start, end)`` pair of fractions -> the step
+    range ``[int(start * n), int(end * n))``, as the published code rounds (cross-attention
+    windows with ``n = steps + 1``, self-attention with ``n = steps``)."""
     lo, hi = (0.0, float(value)) if isinstance(value, (int, float)) else map(float, value)
-    return int(round(lo * steps)), int(round(hi * steps))
+    return int(lo * n), int(hi * n)
 
 
 @dataclass
@@ -128,25 +129,27 @@ class EditPlan:
     def token_alpha(self) -> torch.Tensor:
         return torch.stack([t.alpha for t in self.targets])
 
-    def cross_alpha(self, steps: int) -> tuple[torch.Tensor, int]:
-        """``steps x K x L`` injection weights (P2P ``get_time_words_attention_alpha``) and the
-        end step of the default window (reweighting acts until then)."""
+    def cross_alpha(self, steps: int) -> torch.Tensor:
+        """``(steps + 1) x K x L`` injection weights, as P2P's
+        ``get_time_words_attention_alpha`` (windows ``int(f * (steps + 1))``; per-word windows
+        override the default one on the word's tokens)."""
         cr = self.options.cross_replace
         per_word = {k: v for k, v in cr.items() if k != "default_"} if isinstance(cr, Mapping) else {}
         default = cr.get("default_", 1.0) if isinstance(cr, Mapping) else cr
-        lo, hi = step_window(default, steps)
-        alpha = torch.zeros(steps, len(self.targets), self.max_len)
+        lo, hi = step_window(default, steps + 1)
+        alpha = torch.zeros(steps + 1, len(self.targets), self.max_len)
         alpha[lo:hi] = 1.0
         for word, win in per_word.items():
-            w_lo, w_hi = step_window(win, steps)
+            w_lo, w_hi = step_window(win, steps + 1)
             for k, idx in enumerate(self._cross_words[word]):
                 if idx is None:
                     continue
                 alpha[:, k, idx] = 0.0
                 alpha[w_lo:w_hi, k, idx] = 1.0
-        return alpha, hi
+        return alpha
 
     def self_window(self, steps: int) -> tuple[int, int]:
+        """Steps with injected self-attention, ``[int(start * steps), int(end * steps))``."""
         return step_window(self.options.self_replace, steps)
 
 
@@ -210,7 +213,7 @@ def plan_edit(tok, source: str, targets: Sequence[str], options: EditOptions,
             for word, scale in o.reweight.items():
                 if t.has(word):
                     rest = P.without_word(t.text, word)
-                    index, alpha = P.refine_mapper_of(P.tokenize(tok, rest), t, max_len)
+                    index, alpha = P.refine_mapper_of(P.tokenize(tok, rest), t, max_len, "in-order")
                     reweight_text[k].append(ReweightStep(word, scale, rest, index, alpha))
 
     # local blending: which words, per row (source row first)

@@ -277,46 +277,65 @@ def _blocks(pt: PromptTokens) -> list[list[int]]:
 
 
 def global_alignment(x: list[int], y: list[int]) -> list[int]:
-    """Needleman-Wunsch alignment of ``y`` to ``x`` (gap 0, match 1, mismatch -1).
+    """Needleman-Wunsch alignment of ``y`` to ``x`` (gap 0, match 1, mismatch -1), with the
+    published prompt-to-prompt traceback (``seq_aligner.global_align``): at a tie the cell
+    records a gap in ``x`` first, then a gap in ``y``, then the diagonal.
 
-    Returns, for every position of ``y``, the aligned position in ``x`` or ``-1``.
-    Only equal ids are aligned (a mismatch, -1, never beats two gaps, 0); ties
-    prefer a match, then the earlier source position.
+    Returns, for every position of ``y``, the aligned position in ``x`` or ``-1``. Only
+    equal ids are ever aligned (a mismatch, -1, never beats a gap, 0).
     """
     n, m = len(x), len(y)
     score = [[0] * (m + 1) for _ in range(n + 1)]
+    trace = [[0] * (m + 1) for _ in range(n + 1)]
+    for j in range(1, m + 1):
+        trace[0][j] = 1
     for i in range(1, n + 1):
-        xi = x[i - 1]
-        row, prev = score[i], score[i - 1]
+        trace[i][0] = 2
+    for i in range(1, n + 1):
+        xi, row, prev, tr = x[i - 1], score[i], score[i - 1], trace[i]
         for j in range(1, m + 1):
+            left, up = row[j - 1], prev[j]
             diag = prev[j - 1] + (1 if xi == y[j - 1] else -1)
-            row[j] = max(diag, prev[j], row[j - 1])
+            best = max(left, up, diag)
+            row[j] = best
+            tr[j] = 1 if best == left else 2 if best == up else 3
     out = [-1] * m
     i, j = n, m
-    while i > 0 and j > 0:
-        if x[i - 1] == y[j - 1] and score[i][j] == score[i - 1][j - 1] + 1:
-            out[j - 1] = i - 1
+    while i > 0 or j > 0:
+        t = trace[i][j]
+        if t == 3:
             i, j = i - 1, j - 1
-        elif score[i][j] == score[i][j - 1]:
+            out[j] = i
+        elif t == 1:
             j -= 1
         else:
             i -= 1
     return out
 
 
-def refine_mapper(tok, src: str, tgt: str, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+PADDING = ("published", "in-order")
+
+
+def refine_mapper(tok, src: str, tgt: str, max_len: int, padding: str = "published"
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Refinement mapper for two prompts; see :func:`refine_mapper_of`."""
-    return refine_mapper_of(tokenize(tok, src), tokenize(tok, tgt), max_len)
+    return refine_mapper_of(tokenize(tok, src), tokenize(tok, tgt), max_len, padding)
 
 
-def refine_mapper_of(src: PromptTokens, tgt: PromptTokens, max_len: int
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def refine_mapper_of(src: PromptTokens, tgt: PromptTokens, max_len: int,
+                     padding: str = "published") -> tuple[torch.Tensor, torch.Tensor]:
     """Refinement mapper (P2P "refine"): ``(index, alpha)``, both of length ``max_len``.
 
     ``attn_tgt[..., j] = alpha[j] * attn_src[..., index[j]] + (1 - alpha[j]) * attn_tgt[..., j]``;
-    ``alpha[j] = 0`` for target tokens with no match in the source (new words).
-    End and padding tokens map in order.
+    ``alpha[j] = 0`` for target tokens with no match in the source (new words). The prompt's
+    own tokens (start and end included) are aligned by :func:`global_alignment`; the padding
+    after the target's end token maps, with ``padding="published"`` (P2P's
+    ``seq_aligner.get_mapper``), to the same position in the source (``j -> j``), with
+    ``"in-order"`` to the source's padding in order (``j -> len(src) + (j - len(tgt))``,
+    what the text reweighting uses to align two encodings row by row).
     """
+    if padding not in PADDING:
+        raise ValueError(f"unknown padding rule {padding!r}; use one of {', '.join(PADDING)}")
     x, y = check_length(src, max_len), check_length(tgt, max_len)
     align = global_alignment(x, y)
     index = torch.zeros(max_len, dtype=torch.long)
@@ -325,7 +344,7 @@ def refine_mapper_of(src: PromptTokens, tgt: PromptTokens, max_len: int
         index[j] = max(i, 0)
         alpha[j] = float(i >= 0)
     for k, j in enumerate(range(len(y), max_len)):
-        index[j] = min(len(x) + k, max_len - 1)
+        index[j] = j if padding == "published" else min(len(x) + k, max_len - 1)
     return index, alpha
 
 

@@ -124,9 +124,12 @@ def test_refine_mapper_new_word_keeps_own_attention(tok):
     red_s, red_t = P.word_indices(tok, SRC, "red"), P.word_indices(tok, tgt, "red")
     assert index[red_t[0]] == red_s[0] and alpha[red_t[0]] == 1
     assert alpha.sum() == 76
-    # padding keeps mapping in order
+    # padding: the published mapper sends target position j to source position j;
+    # "in-order" (the text reweighting's alignment) sends it to the source's padding in order
     n_s, n_t = len(tok(SRC).input_ids), len(tok(tgt).input_ids)
-    assert index[n_t] == n_s
+    assert index[n_t:].tolist() == list(range(n_t, 77))
+    in_order, _ = P.refine_mapper(tok, SRC, tgt, 77, padding="in-order")
+    assert in_order[n_t] == n_s and in_order[:n_t].tolist() == index[:n_t].tolist()
 
 
 def test_plan_edit_modes_and_changed_words(tok):

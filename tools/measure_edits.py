@@ -48,12 +48,16 @@ CAP = 99.0  # PSNR of identical pixels is infinite; JSON gets this instead
 NEXT_COLOR = {"red": "blue", "blue": "yellow", "yellow": "green", "green": "red"}
 NEXT_SHAPE = {"circle": "square", "square": "triangle", "triangle": "circle"}
 
-#: name -> edit() keyword arguments
+#: name -> EditOptions fields
 CONFIGS: dict[str, dict] = {
     "defaults": {},
     "recolor": {"self_replace": 1.0},
     "p2p_plain": {"blend_words": None},
     "p2p_word_blend": {"blend_words": "CHANGED", "blend_mask": "attention"},
+    "p2p_word_blend_half": {"blend_words": "CHANGED", "blend_mask": "attention",
+                            "blend_maps": "half"},
+    "p2p_word_blend_0.9": {"blend_words": "CHANGED", "blend_mask": "attention",
+                           "blend_threshold": 0.9},
     "noise_blend_latent_only": {"pixel_blend": False},
     "cross_0.6": {"cross_replace": 0.6},
     "cross_0.4": {"cross_replace": 0.4},
