@@ -13,11 +13,10 @@ complete.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +24,16 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .cache import CACHE_DIR, InversionCache, cache_key
-from .fileio import atomic_save_image, atomic_write_bytes, is_complete_image, slugify
+from .fileio import (
+    OutputLock,
+    atomic_save_image,
+    atomic_write_bytes,
+    check_output_folder,
+    clean_temporaries,
+    is_complete_image,
+    printable,
+    slugify,
+)
 from .images import load_image
 from .manifest import BatchItem, EditSpec, ManifestError, inversion_options, read_manifest
 
@@ -57,7 +65,9 @@ def _error_text(exc: BaseException) -> str:
 
 @dataclass
 class ItemRecord:
-    """One line of ``summary.json``."""
+    """One item of ``summary.json``: ``outputs`` lists only files that exist and are
+    complete; ``edits`` holds every edit's own status (``ok`` / ``failed`` / ``not run``),
+    its output (``None`` unless written) and its error."""
 
     id: str
     image: str
@@ -68,6 +78,10 @@ class ItemRecord:
     reconstruction: str | None = None
     inversion_cached: bool | None = None
     resumed: bool = False
+    edits: list[dict[str, Any]] = field(default_factory=list)
+    reconstruction_psnr: float | None = None
+    warning: str | None = None
+    full_resolution: bool | None = None
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -87,15 +101,6 @@ class _LazyEditor:
         return self._editor
 
 
-def _clean_temporaries(folder: Path) -> None:
-    """Remove hidden temporaries a killed run may have left (never taken as outputs)."""
-    if folder.is_dir():
-        for p in folder.iterdir():
-            if p.is_file() and p.name.endswith(".tmp"):
-                with contextlib.suppress(OSError):
-                    p.unlink()
-
-
 def _previous_records(out_dir: Path) -> dict[str, dict[str, Any]]:
     try:
         data = json.loads((out_dir / SUMMARY).read_text())
@@ -110,21 +115,24 @@ def write_summary(out_dir: Path, records: Iterable[ItemRecord], **extra: Any) ->
 
 
 def _run_edits(
-    editor: Editor, inv: Inversion, todo: list[tuple[int, EditSpec]], save: Callable[[int, Any], None],
-    bar: Any,
-) -> list[str]:
-    """Apply the edits in ``todo``; edits with identical options share one ``edit_many`` run.
-    A refused group is retried edit by edit so one bad target does not sink the others."""
+    editor: Editor, inv: Inversion, item: BatchItem, todo: list[tuple[int, EditSpec]],
+    save: Callable[[int, Any], None], bar: Any, original: Image.Image | None,
+) -> dict[int, str]:
+    """Apply the edits in ``todo``; edits with identical options and mask share one
+    ``edit_many`` run. A refused group is retried edit by edit so one bad target does not
+    sink the others. Returns the error of each edit that failed, by edit number."""
     groups: dict[str, list[tuple[int, EditSpec]]] = {}
     for n, spec in todo:
-        groups.setdefault(spec.resolved.group_key(), []).append((n, spec))
-    errors: list[str] = []
+        key = json.dumps([spec.resolved.group_key(), str(item.mask_of(spec))])
+        groups.setdefault(key, []).append((n, spec))
+    errors: dict[int, str] = {}
 
     def single(n: int, spec: EditSpec) -> None:
         try:
-            save(n, editor.edit(inv, spec.target, spec.resolved))
+            save(n, editor.edit(inv, spec.target, spec.resolved, mask=item.mask_of(spec),
+                                original=original))
         except Exception as exc:  # noqa: BLE001 - recorded, the batch goes on
-            errors.append(f"edit {n} ({spec.target!r}): {_error_text(exc)}")
+            errors[n] = _error_text(exc)
         bar.update(1)
 
     for group in groups.values():
@@ -132,7 +140,9 @@ def _run_edits(
             single(*group[0])
             continue
         try:
-            results = editor.edit_many(inv, [s.target for _, s in group], group[0][1].resolved)
+            first = group[0][1]
+            results = editor.edit_many(inv, [s.target for _, s in group], first.resolved,
+                                       mask=item.mask_of(first), original=original)
             for (n, _), res in zip(group, results, strict=True):
                 save(n, res)
                 bar.update(1)
@@ -144,47 +154,95 @@ def _run_edits(
 
 def run_item(
     editor: _LazyEditor, item: BatchItem, out_dir: Path, *, defaults: dict[str, Any] | None,
-    reconstruction: bool, use_cache: bool, edits_bar: Any,
+    reconstruction: bool, use_cache: bool, edits_bar: Any, native: bool = False,
+    min_reconstruction_psnr: float | None = None,
 ) -> ItemRecord:
-    """Invert ``item`` (or load it from the cache), reconstruct it and apply its edits."""
+    """Invert ``item`` (or load it from the cache), reconstruct it and apply its edits.
+
+    Edits of an image larger than the working size are written at its own size (the
+    original's pixels outside each edit's mask) unless ``native``. An inversion whose
+    reconstruction PSNR is below ``min_reconstruction_psnr`` fails the item unedited."""
     t0 = time.perf_counter()
     folder = out_dir / item.id
     names = item.output_names()
-    outputs = [f"{item.id}/{n}" for n in names]
     recon = f"{item.id}/{RECONSTRUCTION}" if reconstruction else None
-    record = ItemRecord(item.id, str(item.image), "failed", outputs, None, 0.0, recon)
+    record = ItemRecord(item.id, str(item.image), "failed", [], None, 0.0, recon)
     todo = [(n, e) for n, (e, name) in enumerate(zip(item.edits, names, strict=True), 1)
             if not is_complete_image(folder / name)]
     need_recon = reconstruction and not is_complete_image(folder / RECONSTRUCTION)
+    errors: dict[int, str] = {}
+    item_error: str | None = None
+    ticked = [0]
+
+    class _Bar:  # counts what this item added to the shared edits bar
+        def update(self, n: int = 1) -> None:
+            ticked[0] += n
+            edits_bar.update(n)
+
     if not todo and not need_recon:
         record.status, record.resumed = "ok", True
+        _finish(record, item, folder, errors, None)
         return record
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        _clean_temporaries(folder)
+        clean_temporaries(folder)
         image = load_image(item.image)
         ed = editor.get()
         opts = inversion_options(item, defaults)
         cache = InversionCache(out_dir / CACHE_DIR if use_cache else None)
         inv, record.inversion_cached = cache.get(ed, image, item.prompt, opts)
+        record.reconstruction_psnr = inv.stats.get("reconstruction_psnr")
+        record.warning = inv.stats.get("warning")
+        w, h = inv.image_size
+        big = image.size[0] * image.size[1] > w * h
+        record.full_resolution = big and not native
+        original = image if record.full_resolution else None
         source: list[Image.Image] = []  # an edit's source branch re-creates the image
+        low = (min_reconstruction_psnr is not None and record.reconstruction_psnr is not None
+               and record.reconstruction_psnr < min_reconstruction_psnr)
+        if low:
+            edits_bar.update(len(todo))
+            todo = []
+            item_error = (f"reconstruction {record.reconstruction_psnr:.1f} dB is below "
+                          f"--min-reconstruction-psnr {min_reconstruction_psnr:g}: not edited")
 
         def save(n: int, result: Any) -> None:
             atomic_save_image(_result_image(result), folder / names[n - 1])
             if isinstance(getattr(result, "source", None), Image.Image) and not source:
                 source.append(result.source)
 
-        errors = _run_edits(ed, inv, todo, save, edits_bar)
+        errors = _run_edits(ed, inv, item, todo, save, _Bar(), original)
         if need_recon:
             recon = source[0] if source else ed.reconstruct(inv)
             atomic_save_image(recon, folder / RECONSTRUCTION)
     except Exception as exc:  # noqa: BLE001 - one bad item must not stop the batch
-        errors = [_error_text(exc)]
-        edits_bar.update(len(todo))
+        item_error = _error_text(exc)
+        edits_bar.update(len(todo) - ticked[0])
     record.seconds = round(time.perf_counter() - t0, 3)
-    record.error = "; ".join(errors) if errors else None
-    record.status = "failed" if errors else "ok"
+    _finish(record, item, folder, errors, item_error)
     return record
+
+
+def _finish(record: ItemRecord, item: BatchItem, folder: Path, errors: dict[int, str],
+            item_error: str | None) -> None:
+    """Fill the record from what is on disk: outputs that exist and are complete, and each
+    edit's status (an item-level failure marks the edits it kept from running)."""
+    record.outputs, record.edits = [], []
+    for n, (spec, name) in enumerate(zip(item.edits, item.output_names(), strict=True), 1):
+        done = is_complete_image(folder / name)
+        rel = f"{item.id}/{name}" if done else None
+        if done:
+            record.outputs.append(rel)
+        status = "ok" if done else "failed" if n in errors else "not run"
+        error = errors.get(n) or (None if done else item_error)
+        record.edits.append({"n": n, "target": spec.target, "output": rel, "status": status,
+                             "error": error})
+    if record.reconstruction and not is_complete_image(folder / RECONSTRUCTION):
+        record.reconstruction = None
+    messages = ([item_error] if item_error else []) + [
+        f"edit {n} ({item.edits[n - 1].target!r}): {e}" for n, e in sorted(errors.items())]
+    record.error = "; ".join(messages) if messages else None
+    record.status = "ok" if all(e["status"] == "ok" for e in record.edits) and not messages else "failed"
 
 
 @dataclass
@@ -211,6 +269,8 @@ def run_batch(
     use_cache: bool = True,
     progress: bool = True,
     manifest: str | None = None,
+    native: bool = False,
+    min_reconstruction_psnr: float | None = None,
 ) -> BatchReport:
     """Run every item, rewriting ``OUT/summary.json`` after each; resumes where a killed run stopped.
 
@@ -218,10 +278,17 @@ def run_batch(
     (called only when some output is missing). Items already complete keep their
     previous record (marked ``resumed``).
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _clean_temporaries(out)
-    _clean_temporaries(out / CACHE_DIR)
+    out = check_output_folder(out_dir)
+    with OutputLock(out, "pivot-edit batch run"):
+        return _run_locked(editor, items, out, defaults=defaults, reconstruction=reconstruction,
+                           use_cache=use_cache, progress=progress, manifest=manifest,
+                           native=native, min_reconstruction_psnr=min_reconstruction_psnr)
+
+
+def _run_locked(editor, items, out: Path, *, defaults, reconstruction, use_cache, progress,
+                manifest, native, min_reconstruction_psnr) -> BatchReport:
+    clean_temporaries(out)
+    clean_temporaries(out / CACHE_DIR)
     previous = _previous_records(out)
     lazy = _LazyEditor(editor)
     records: list[ItemRecord] = []
@@ -235,7 +302,8 @@ def run_batch(
                               (f"{item.id}/{n}" for n in item.output_names()))
             ebar.update(done_before)
             rec = run_item(lazy, item, out, defaults=defaults, reconstruction=reconstruction,
-                           use_cache=use_cache, edits_bar=ebar)
+                           use_cache=use_cache, edits_bar=ebar, native=native,
+                           min_reconstruction_psnr=min_reconstruction_psnr)
             if rec.resumed and item.id in previous:
                 rec.seconds = float(previous[item.id].get("seconds") or 0.0)
                 rec.inversion_cached = previous[item.id].get("inversion_cached")
@@ -253,8 +321,8 @@ def plan(items: list[BatchItem], out_dir: str | Path, *, defaults: dict[str, Any
     lines, todo = [], 0
     for it in items:
         state = "" if it.image.is_file() else "  [image not found: this item will fail]"
-        lines.append(f"{it.id}: {it.image}{state}")
-        lines.append(f"  prompt: {it.prompt}")
+        lines.append(f"{it.id}: {printable(it.image)}{state}")
+        lines.append(f"  prompt: {printable(it.prompt)}")
         inversion_options(it, defaults)  # validated: a bad combination fails the dry run
         given = {k: v for k, v in (defaults or {}).items() if v is not None} | it.inversion
         lines.append("  inversion: " + (", ".join(f"{k}={v}" for k, v in given.items()) or "defaults"))
@@ -266,8 +334,12 @@ def plan(items: list[BatchItem], out_dir: str | Path, *, defaults: dict[str, Any
             done = is_complete_image(out / it.id / name)
             todo += not done
             extra = f" {json.dumps(spec.options, sort_keys=True)}" if spec.options else ""
-            lines.append(f"  {n}. {spec.target}{extra} -> {out / it.id / name}"
+            mask = it.mask_of(spec)
+            if mask is not None:
+                extra += f" mask={mask}" + ("" if mask.is_file() else " [mask not found]")
+            lines.append(f"  {n}. {printable(spec.target)}{printable(extra)} -> {out / it.id / name}"
                          f" [{'done' if done else 'to do'}]")
     n_edits = sum(len(it.edits) for it in items)
-    lines.append(f"{len(items)} item(s), {n_edits} edit(s), {todo} to do; outputs in {out}")
+    lines.append(f"{len(items)} item(s), {n_edits} edit(s), {todo} to do; outputs in "
+                 f"{printable(out)}")
     return lines

@@ -60,18 +60,27 @@ def blend_keys(layers: list[LayerInfo], latent_hw: tuple[int, int], rule: str = 
     raise ValueError(f"unknown blend_maps rule {rule!r}; use 'published' or 'half'")
 
 
-def make_blend(plan: EditPlan, keys: list[StoreKey], steps: int) -> LocalBlend | None:
-    """The local blend ``plan`` asks for (``None``: blending off, or no word to blend).
-    Blending starts at step ``int(blend_start * steps)``, as published."""
+def make_blend(plan: EditPlan, keys: list[StoreKey], steps: int,
+               user: tuple[torch.Tensor, torch.Tensor] | None = None) -> LocalBlend | None:
+    """The local blend ``plan`` asks for (``None``: blending off, or no word to blend), and
+    the user's mask (``user``: latent-size bool, image-size 0/1) combined by
+    ``options.mask_mode``. Blending starts at step ``int(blend_start * steps)``, as
+    published."""
     o = plan.options
     sub = plan.sub if o.blend_subtract else None
     start = int(o.blend_start * steps)
+    mode = o.mask_mode
+    if user is not None and (mode == "user" or plan.mask_source is None):
+        return LocalBlend(None, keys, start=start, source="user", user=user)
     if plan.mask_source == "noise":
         return LocalBlend(None, keys, start=start, subtract=sub, source="noise",
                           noise_until=max(1, int(round(NOISE_MASK_STEPS * steps))),
-                          noise_threshold=float(o.noise_threshold))
+                          noise_threshold=float(o.noise_threshold), user=user, user_mode=mode)
     if plan.mask_source == "attention" and plan.add.any():
-        return LocalBlend(plan.add, keys, start=start, threshold=o.blend_threshold, subtract=sub)
+        return LocalBlend(plan.add, keys, start=start, threshold=o.blend_threshold,
+                          subtract=sub, user=user, user_mode=mode)
+    if user is not None:
+        return LocalBlend(None, keys, start=start, source="user", user=user)
     return None
 
 
@@ -104,6 +113,10 @@ class LocalBlend:
 
     ``subtract`` (attention maps of words, not pooled) is removed from the mask. At steps
     ``>= start``: ``x_k = x_src + mask_k * (x_k - x_src)``.
+
+    A user mask (``user``: the latent-size mask, ``1 x 1 x h x w`` bool, and the image-size
+    one, ``h x w`` of 0/1) confines every target: ``source="user"`` blends with it alone;
+    with an automatic source, ``user_mode`` ``"intersect"`` or ``"union"`` combines them.
     """
 
     def __init__(
@@ -117,9 +130,16 @@ class LocalBlend:
         source: str = "attention",
         noise_until: int = 0,
         noise_threshold: float = 0.4,
+        user: tuple[torch.Tensor, torch.Tensor] | None = None,
+        user_mode: str = "user",
     ) -> None:
-        if source not in ("attention", "noise"):
-            raise ValueError(f"unknown blend mask source {source!r}; use 'attention' or 'noise'")
+        if source not in ("attention", "noise", "user"):
+            raise ValueError(f"unknown blend mask source {source!r}; use 'attention', 'noise' "
+                             "or 'user'")
+        if source == "user" and user is None:
+            raise ValueError("a user-mask blend needs the user's mask")
+        if user_mode not in ("user", "intersect", "union"):
+            raise ValueError(f"unknown mask mode {user_mode!r}")
         if source == "attention" and (add is None or not keys):
             raise ValueError("attention blending needs words and at least one stored map")
         if source == "noise" and noise_until < 1:
@@ -133,6 +153,8 @@ class LocalBlend:
         self.noise_threshold = float(noise_threshold)
         self.noise: torch.Tensor | None = None
         self.last_mask: torch.Tensor | None = None
+        self.user = user
+        self.user_mode = "user" if source == "user" else user_mode
 
     def wants_noise(self, step: int) -> bool:
         return self.source == "noise" and step < self.noise_until
@@ -145,11 +167,31 @@ class LocalBlend:
         d = torch.cat([torch.zeros_like(d[:1]), d])  # the source row: no difference
         self.noise = d if self.noise is None else self.noise + d
 
-    def mask(self, store: AttentionStore, latent_hw: tuple[int, int]) -> torch.Tensor | None:
-        """Boolean mask ``rows x 1 x h x w`` at latent size (None before anything was observed)."""
+    def mask(self, store: AttentionStore | None, latent_hw: tuple[int, int],
+             rows: int | None = None) -> torch.Tensor | None:
+        """Boolean mask ``rows x 1 x h x w`` at latent size (None before anything was observed),
+        the user's mask applied."""
+        if self.source == "user":
+            m = self.user[0].to(torch.bool).expand(rows, 1, *latent_hw).clone()
+            m[0] = False
+            return m
+        m = self._auto_mask(store, latent_hw)
+        if self.user is None or self.user_mode == "user":
+            return m
+        u = self.user[0].to(torch.bool)
+        if m is None:
+            if self.user_mode == "intersect" or rows is None:
+                return None
+            m = torch.zeros(rows, 1, *latent_hw, dtype=torch.bool)
+        m = (m & u) if self.user_mode == "intersect" else (m | u)
+        m[0] = False
+        return m
+
+    def _auto_mask(self, store: AttentionStore | None, latent_hw: tuple[int, int]
+                   ) -> torch.Tensor | None:
         # word maps: the attention mask's source, and the noise mask's subtract words only
         need_maps = self.source == "attention" or self.subtract is not None
-        maps = store.average(self.keys) if need_maps and self.keys else None
+        maps = store.average(self.keys) if need_maps and self.keys and store is not None else None
         if self.source == "noise":
             if self.noise is None:
                 return None
@@ -204,6 +246,11 @@ class LocalBlend:
         """
         if self.last_mask is None:
             return None
+        if self.source == "user":
+            m = self.user[1].float().to(self.last_mask.device).expand(
+                self.last_mask.shape[0], *size).clone()
+            m[0] = 0.0
+            return m
         if self.source == "noise" and self.noise is not None:
             m = F.interpolate(self._normalise(self._pooled_noise()), size=tuple(size),
                               mode="bilinear", align_corners=False)
@@ -216,13 +263,17 @@ class LocalBlend:
         else:
             m = F.interpolate(self.last_mask.float(), size=tuple(size), mode="bilinear",
                               align_corners=False)
+        m = m[:, 0].clamp(0, 1)
+        if self.user is not None and self.user_mode != "user":
+            u = self.user[1].float().to(m.device)
+            m = torch.minimum(m, u) if self.user_mode == "intersect" else torch.maximum(m, u)
         m[0] = 0.0
-        return m[:, 0].clamp(0, 1)
+        return m
 
     def __call__(self, latents: torch.Tensor, store: AttentionStore, step: int) -> torch.Tensor:
         if step < self.start:
             return latents
-        mask = self.mask(store, tuple(latents.shape[-2:]))
+        mask = self.mask(store, tuple(latents.shape[-2:]), rows=latents.shape[0])
         if mask is None:
             return latents
         self.last_mask = mask

@@ -12,16 +12,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .fileio import IMAGE_SUFFIXES, check_output_file, check_output_folder, printable
 from .options import (
     BLEND_MAPS,
     EDIT_MODES,
     LEAKAGE_MODES,
+    MASK_MODES,
     METHODS,
     SELF_LAYER_RULES,
     EditOptions,
@@ -46,13 +50,22 @@ def given(args: argparse.Namespace, mapping: dict[str, str]) -> dict[str, Any]:
 # -- shared helpers ---------------------------------------------------------------------------
 
 
-def add_model_args(parser: argparse.ArgumentParser, *, default: str = "auto") -> None:
+#: The environment variable that sets the default ``--model`` (the model a user configured).
+MODEL_ENV = "PIVOT_EDIT_MODEL"
+
+
+def default_model(fallback: str = "auto") -> str:
+    return os.environ.get(MODEL_ENV) or fallback
+
+
+def add_model_args(parser: argparse.ArgumentParser, *, default: str | None = None) -> None:
     """Options every model-loading subcommand shares: --model, --device, --dtype."""
+    shown = default or f"${MODEL_ENV}, else auto"
     parser.add_argument(
-        "--model", default=default,
+        "--model", default=default or default_model(),
         help="'auto' (SD 1.5 if cached or reachable, else the bundled model), 'shapes' "
              "(bundled), a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5, "
-             f"or a local diffusers folder (default: {default})",
+             f"or a local diffusers folder (default: {shown})",
     )
     parser.add_argument("--device", default=None,
                         help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available)")
@@ -89,27 +102,33 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"diffusers\..*")
 
 
-def load_editor(args: argparse.Namespace) -> Editor:
-    """Load the model named by ``args.model``; print the fallback notice (if any) to stderr."""
+def load_editor(args: argparse.Namespace, inversion=None) -> Editor:
+    """Load the model named by ``args.model``; print the fallback notice (if any) to stderr.
+
+    An inversion file never chooses what is loaded: only with ``--model-from-inversion``
+    is its recorded model loaded, and then what it names is printed first.
+    """
     from .facade import Editor
 
     quiet_libraries()
-    editor = Editor.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    model = args.model
+    if inversion is not None and getattr(args, "model_from_inversion", False):
+        model = inversion.model_id
+        print(f"loading the model the inversion file names: {printable(model)!r}",
+              file=sys.stderr)
+    editor = Editor.from_pretrained(model, device=args.device, dtype=args.dtype)
     if editor.notice:
         print(editor.notice, file=sys.stderr)
+    if inversion is not None:
+        inversion.check_model(editor)  # before any work: a clear message, and the hint
     return editor
 
 
 def _save_image(image, out: Path) -> Path:
     """Write ``image`` atomically (a temporary file renamed into place): nothing half-written."""
-    from .fileio import IMAGE_SUFFIXES, atomic_save_image
+    from .fileio import atomic_save_image
 
-    out = Path(out)
-    if out.suffix.lower() not in IMAGE_SUFFIXES:
-        raise ValueError(f"output {str(out)!r} must end in .png, .jpg, .jpeg or .webp")
-    if not out.parent.is_dir():
-        raise ValueError(f"output folder {str(out.parent)!r} does not exist")
-    return atomic_save_image(image, out)
+    return atomic_save_image(image, check_output_file(out, IMAGE_SUFFIXES))
 
 
 # -- subcommands ------------------------------------------------------------------------------
@@ -117,9 +136,7 @@ def _save_image(image, out: Path) -> Path:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Text to image."""
-    out = Path(args.output)
-    if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):  # fail before loading
-        raise ValueError(f"output {str(out)!r} must end in .png, .jpg, .jpeg or .webp")
+    out = check_output_file(args.output, IMAGE_SUFFIXES)  # fail before loading
     options = generate_options(args)
     editor = load_editor(args)
     image = editor.generate(args.prompt, options)
@@ -141,20 +158,48 @@ def parse_auth(text: str | None) -> tuple[str, str] | None:
     return user, password
 
 
+_SIZE_RE = re.compile(r"(\d+(\.\d+)?)\s*(b|kb|mb|gb)", re.IGNORECASE)
+_HOST_RE = re.compile(r"(?=.{1,253}\Z)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)"
+                      r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
+
+
+def check_file_size(text: str) -> str:
+    """``--max-file-size``: a number and a unit (b, kb, mb, gb), e.g. ``10mb``."""
+    m = _SIZE_RE.fullmatch(text.strip())
+    if not m or float(m.group(1)) <= 0:
+        raise ValueError(f"--max-file-size must be a size such as 10mb, 500kb or 1gb, got "
+                         f"{printable(text)!r}")
+    return text.strip().lower()
+
+
+def check_host(host: str) -> str:
+    """``--host``: an IP address or a host name (``0.0.0.0`` for every interface)."""
+    import ipaddress
+
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    if re.fullmatch(r"[\d.]+", host) or not _HOST_RE.fullmatch(host):
+        raise ValueError(f"--host must be an IP address (127.0.0.1, 0.0.0.0, ::1) or a host "
+                         f"name, got {printable(host)!r}")
+    return host
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     """Start the web app (ui/app.py) on ``--host``:``--port``; loopback unless told otherwise."""
-    import os
-
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     auth = parse_auth(args.auth)
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
+    args.host = check_host(args.host)
+    args.max_file_size = check_file_size(args.max_file_size)
     try:
         from ui.app import CSS, build_demo
     except ImportError as exc:
         raise ValueError(f"the web app needs gradio ({exc}); pip install 'pivot-edit[ui]'") from None
     if args.host not in LOOPBACK and auth is None and not args.share:
-        print(f"warning: serving on {args.host} without --auth: anyone who can reach this "
+        print(f"warning: serving on {printable(args.host)} without --auth: anyone who can reach this "
               "machine can use the model", file=sys.stderr)
     if args.share and auth is None:
         print("warning: --share without --auth: anyone with the link can use the model",
@@ -208,6 +253,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
     from .batch import plan, read_manifest, run_batch
 
     items = read_manifest(args.manifest)  # ManifestError (a ValueError) -> exit 2
+    if not args.dry_run:
+        check_output_folder(args.out)
     defaults = {"method": args.method, "steps": args.steps, "guidance": args.guidance,
                 "num_inner_steps": args.num_inner_steps}
     InvertOptions.from_mapping({k: v for k, v in defaults.items() if v is not None})
@@ -217,9 +264,10 @@ def cmd_batch(args: argparse.Namespace) -> int:
         return 0
     report = run_batch(lambda: load_editor(args), items, args.out, defaults=defaults,
                        reconstruction=not args.no_reconstruction, use_cache=not args.no_cache,
-                       manifest=str(args.manifest))
+                       manifest=str(args.manifest), native=args.native,
+                       min_reconstruction_psnr=args.min_reconstruction_psnr)
     for rec in report.failed:
-        print(f"{PROG}: item {rec.id} failed: {rec.error}", file=sys.stderr)
+        print(f"{PROG}: item {rec.id} failed: {printable(rec.error)}", file=sys.stderr)
     n = len(report.records)
     print(f"{n - len(report.failed)}/{n} item(s) ok; summary: {Path(args.out) / 'summary.json'}")
     return report.exit_status
@@ -228,6 +276,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     """Run images x edits through several configurations; write grid, tables, raw outputs."""
     from . import compare as C
+
+    check_output_folder(args.out)  # before any model loads
 
     def csv_list(text: str | None) -> list[str] | None:
         return [t.strip() for t in text.split(",") if t.strip()] if text else None
@@ -260,9 +310,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
         editor = load_editor(args)
     report = C.run_compare(editor, cases, configs, args.out, convention=convention,
                            use_cache=not args.no_cache, title=title, notes=notes)
-    print(C.markdown_table(report.summary()))
+    for line in C.markdown_table(report.summary()).splitlines():
+        print(printable(line))
     for note in report.notes:
-        print(f"note: {note}")
+        print(f"note: {printable(note)}")
     out = Path(args.out)
     print(f"grid: {out / 'grid.png'}; tables: {out / 'metrics.csv'}, {out / 'summary.md'}")
     return 0
@@ -273,24 +324,38 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_invert(args: argparse.Namespace) -> int:
     """Invert an image under its caption and save the inversion (safetensors + JSON)."""
-    out = Path(args.output)
-    if out.suffix != ".safetensors":
-        raise ValueError(f"output {str(out)!r} must end in .safetensors")
-    if not out.parent.is_dir():
-        raise ValueError(f"output folder {str(out.parent)!r} does not exist")
+    out = check_output_file(args.output, (".safetensors",))
     from .images import load_image
 
     options = InvertOptions.from_mapping(given(args, {
         "method": "method", "steps": "steps", "guidance": "guidance",
-        "num_inner_steps": "inner_steps", "early_stop_epsilon": "early_stop"}))
+        "num_inner_steps": "inner_steps", "early_stop_epsilon": "early_stop",
+        "max_pixels": "max_pixels"}))
     if args.no_early_stop:
         options = options.replace(early_stop_epsilon=None)
     load_image(args.image)  # a bad file fails before the model loads
     editor = load_editor(args)
+    warn_working_size(editor, options.max_pixels)
     inv = editor.invert(args.image, args.prompt, options)
     inv.save(out)
-    print(f"{out}  ({inv.method}, {inv.steps} steps, {inv.stats['seconds']:.1f} s)")
+    psnr_db = inv.stats.get("reconstruction_psnr")
+    quality = f", reconstruction {psnr_db:.1f} dB" if psnr_db is not None else ""
+    print(f"{out}  ({inv.method}, {inv.steps} steps, {inv.image_size[0]}x{inv.image_size[1]}, "
+          f"{inv.stats['seconds']:.1f} s{quality})")
+    if inv.stats.get("warning"):
+        print(f"warning: {inv.stats['warning']}", file=sys.stderr)
     return 0
+
+
+def warn_working_size(editor: Editor, max_pixels: int | None) -> None:
+    """A working resolution above the model's native budget costs time and memory roughly in
+    proportion (attention: more than that); say so."""
+    native = editor.native_size**2
+    if max_pixels and max_pixels > native:
+        print(f"warning: working at {max_pixels / native:.1f}x the model's native pixel budget "
+              f"({editor.native_size}x{editor.native_size}): inversion and edits take at least "
+              "that much longer and more memory, and the model may draw worse away from its "
+              "native size", file=sys.stderr)
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
@@ -298,8 +363,9 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     from .inversion import Inversion
 
     inv = Inversion.load(args.inversion)
-    editor = load_editor(args)
-    out = _save_image(editor.reconstruct(inv), Path(args.output))
+    out = check_output_file(args.output, IMAGE_SUFFIXES)
+    editor = load_editor(args, inv)
+    out = _save_image(editor.reconstruct(inv), out)
     print(out)
     return 0
 
@@ -318,13 +384,31 @@ def parse_reweight(items: Sequence[str] | None) -> dict[str, float]:
     return out
 
 
+def resolve_original(value: str | None, inv) -> str | None:
+    """``--original``: a path, or ``auto`` for the source path the inversion file records
+    (used only when asked; checked against the inversion's pixels by the engine)."""
+    if value is None:
+        return None
+    if value != "auto":
+        return value
+    path = str((inv.source or {}).get("path", ""))
+    if not path:
+        raise ValueError("--original auto: this inversion records no source image; give the "
+                         "path of the photo it was made from")
+    if not Path(path).is_file():
+        raise ValueError(f"--original auto: the recorded source image {printable(path)!r} is "
+                         "no longer there; give its path")
+    return path
+
+
 def edit_options(args: argparse.Namespace) -> EditOptions:
     """The edit flags as :class:`EditOptions` (only the flags given override defaults)."""
     values = given(args, {"cross_replace": "cross_replace", "self_replace": "self_replace",
                           "mode": "mode", "protect": "protect", "guidance": "guidance",
                           "blend_subtract": "blend_subtract", "noise_threshold": "mask_threshold",
                           "leakage": "leakage", "blend_threshold": "blend_threshold",
-                          "blend_maps": "blend_maps", "self_max_fraction": "self_layers"})
+                          "blend_maps": "blend_maps", "self_max_fraction": "self_layers",
+                          "mask_mode": "mask_mode"})
     reweight = parse_reweight(args.reweight)
     if reweight:
         values["reweight"] = reweight
@@ -342,14 +426,15 @@ def edit_outputs(output: str, n: int) -> list[Path]:
     if out.is_dir() or output.endswith(("/", "\\")):
         if not out.is_dir():
             raise ValueError(f"output folder {output!r} does not exist")
-        return [out / (f"edit-{k}.png" if n > 1 else "edit.png") for k in range(1, n + 1)]
-    if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+        outs = [out / (f"edit-{k}.png" if n > 1 else "edit.png") for k in range(1, n + 1)]
+    elif out.suffix.lower() not in IMAGE_SUFFIXES:
         raise ValueError(f"output {output!r} must end in .png, .jpg, .jpeg or .webp (or be a folder)")
-    if not out.parent.is_dir():
-        raise ValueError(f"output folder {str(out.parent)!r} does not exist")
-    if n == 1:
-        return [out]
-    return [out.with_name(f"{out.stem}-{k}{out.suffix}") for k in range(1, n + 1)]
+    else:
+        outs = [out] if n == 1 else [out.with_name(f"{out.stem}-{k}{out.suffix}")
+                                     for k in range(1, n + 1)]
+    for o in outs:
+        check_output_file(o, IMAGE_SUFFIXES)
+    return outs
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
@@ -358,17 +443,29 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
     inv = Inversion.load(args.inversion)
     targets = list(args.target)
-    outs = edit_outputs(args.output, len(targets))  # fail before loading the model
+    outs = edit_outputs(args.output, len(targets))  # every output checked before any work
+    source = check_output_file(args.source, IMAGE_SUFFIXES, "--source") if args.source else None
     options = edit_options(args)
-    if args.model == "inversion":
-        args.model = inv.model_id
-    editor = load_editor(args)
-    results = editor.edit_many(inv, targets, options)
+    original = resolve_original(args.original, inv)
+    if args.mask is not None:
+        from .compose import load_mask
+
+        load_mask(args.mask, tuple(inv.image_size), what="--mask")  # a bad mask fails now
+    editor = load_editor(args, inv)
+    results = editor.edit_many(inv, targets, options, mask=args.mask, original=original)
     for res, out in zip(results, outs, strict=True):
         _save_image(res.image, out)
-        print(f"{out}  ({res.options['mode']}: {res.target!r})")
-    if args.source:
-        print(_save_image(results[0].source, Path(args.source)))
+        size = f"{res.image.size[0]}x{res.image.size[1]}"
+        print(f"{out}  ({res.options['mode']}: {printable(repr(res.target))}, {size})")
+        if res.options.get("notice"):
+            print(f"note: {res.options['notice']}", file=sys.stderr)
+    if original is None and inv.source and Path(str(inv.source.get("path", ""))).is_file():
+        w, h = inv.source.get("size", ["?", "?"])
+        print(f"note: the inverted image ({printable(inv.source['path'])}, {w}x{h}) is still "
+              "there: add --original auto (or --original PATH) for the edit at its size",
+              file=sys.stderr)
+    if source is not None:
+        print(_save_image(results[0].source, source))
     return 0
 
 
@@ -508,6 +605,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="null-text: stop a timestep when loss < this + i*2e-5 "
                         f"(default: {_INV.early_stop_epsilon})")
     p.add_argument("--no-early-stop", action="store_true", help="always run every inner step")
+    p.add_argument("--max-pixels", type=int, default=None, metavar="N",
+                   help="working resolution's pixel budget (default: the model's native size "
+                        "squared; more costs time and memory)")
     p.add_argument("-o", "--output", required=True, metavar="FILE.safetensors")
     add_model_args(p)
     p.set_defaults(func=cmd_invert)
@@ -517,6 +617,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inversion", metavar="FILE.safetensors")
     p.add_argument("-o", "--output", required=True, metavar="OUT.png")
     add_model_args(p)
+    p.add_argument("--model-from-inversion", action="store_true",
+                   help="load the model the inversion file records (printed first)")
     p.set_defaults(func=cmd_reconstruct)
 
     p = sub.add_parser(
@@ -565,9 +667,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=None,
                    help="guidance scale (default: the inversion's)")
     p.add_argument("--source", metavar="SRC.png", help="also write the reconstruction")
+    p.add_argument("--original", metavar="PHOTO|auto", default=None,
+                   help="the full-size photo the inversion was made from (or 'auto': the path "
+                        "the inversion records): the edit comes back at its size, its pixels "
+                        "kept outside the edit's mask")
+    p.add_argument("--mask", metavar="MASK.png", default=None,
+                   help="where the edit may act: white (or painted, on a transparent layer) "
+                        "on black, any size")
+    p.add_argument("--mask-mode", default=None, choices=list(MASK_MODES),
+                   help="how --mask combines with the automatic blend mask (default: "
+                        f"{_EDIT.mask_mode}, the mask alone)")
     p.add_argument("-o", "--output", required=True, metavar="OUT.png",
                    help="image to write (several targets: OUT-1.png, ...; or a folder)")
-    add_model_args(p, default="inversion")
+    add_model_args(p)
+    p.add_argument("--model-from-inversion", action="store_true",
+                   help="load the model the inversion file records (printed first) instead of "
+                        "--model; a file received from someone else chooses nothing by default")
     p.set_defaults(func=cmd_edit)
 
     p = sub.add_parser(
@@ -588,6 +703,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-reconstruction", action="store_true",
                    help="do not write OUT/<id>/reconstruction.png")
     p.add_argument("--no-cache", action="store_true", help="do not read or write OUT/.cache")
+    p.add_argument("--native", action="store_true",
+                   help="write edits at the working (model) size, also for larger images "
+                        "(default: at the image's own size)")
+    p.add_argument("--min-reconstruction-psnr", type=float, default=None, metavar="DB",
+                   help="fail, unedited, items whose reconstruction is below this PSNR (the "
+                        "model cannot represent them; a warning is recorded below 20 dB anyway)")
     p.add_argument("--dry-run", action="store_true",
                    help="validate the manifest and print the plan; load no model")
     p.set_defaults(func=cmd_batch)
@@ -640,7 +761,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except ValueError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {printable(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)

@@ -43,7 +43,14 @@ from tqdm.auto import tqdm
 from . import metrics as M
 from . import scenes
 from .cache import CACHE_DIR, InversionCache
-from .fileio import atomic_save_image, atomic_write_bytes, slugify
+from .fileio import (
+    OutputLock,
+    atomic_save_image,
+    atomic_write_bytes,
+    check_output_folder,
+    printable,
+    slugify,
+)
 from .images import load_image
 from .manifest import read_manifest
 from .options import EditOptions, InvertOptions
@@ -416,8 +423,16 @@ def run_compare(
     names = [c.name for c in configs]
     if len(set(names)) != len(names):
         raise ValueError(f"configuration names must be unique, got {names}")
+    out = check_output_folder(out_dir)
+    with OutputLock(out, "pivot-edit compare run"):
+        return _run_locked(editor, cases, configs, out, convention=convention,
+                           use_cache=use_cache, progress=progress, title=title, notes=notes)
+
+
+def _run_locked(editor: Editor, cases: list[Case], configs: list[Config], out: Path, *,
+                convention: str, use_cache: bool, progress: bool, title: str,
+                notes: Sequence[str]) -> CompareReport:
     t_start = time.perf_counter()
-    out = Path(out_dir)
     (out / "raw").mkdir(parents=True, exist_ok=True)
     cache = InversionCache(out / CACHE_DIR if use_cache else None)
     inversions: dict[str, dict[str, Any]] = {}
@@ -433,7 +448,7 @@ def run_compare(
         raw = out / "raw" / slugify(cfg.name)
         raw.mkdir(parents=True, exist_ok=True)
         for case in cases:
-            bar.set_postfix_str(f"{cfg.name} {case.id}")
+            bar.set_postfix_str(printable(f"{cfg.name} {case.id}"))
             row = Row(case.id, case.kind, cfg.name)
             inv = inversions[ikey][case.id]
             try:

@@ -30,7 +30,9 @@ from PIL import Image
 
 from .attention import PromptToPrompt, StoreKey, describe_layers
 from .blending import LocalBlend, blend_keys, composite, make_blend
+from .compose import border_px, covers_everything, full_resolution, load_mask
 from .embeddings import apply_protection, reweight_rows
+from .images import image_hash, load_image
 from .options import EditOptions
 from .plan import EditPlan, plan_edit
 from .progress import Callback, EditCancelled
@@ -63,6 +65,12 @@ class EditResult:
     mask: np.ndarray | None = None
     options: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    #: the edit at the working (model) size; ``image`` is the original's size when the edit
+    #: was given ``original=``, else the same picture
+    image_native: Image.Image | None = None
+    #: the final pixel mask at the working size (``h x w`` float32 in [0, 1]): where the
+    #: edit may differ from the reconstruction; ``None`` without blending
+    mask_image: np.ndarray | None = None
 
 
 @dataclass
@@ -76,6 +84,8 @@ class PreparedEdit:
     blend_keys: list[StoreKey]
     display_keys: list[StoreKey]
     guidance: float
+    original: Image.Image | None = None  # the full-size input, checked against the inversion
+    user_mask: np.ndarray | None = None  # working size, in [0, 1]
 
 
 # -- 1. prepare ------------------------------------------------------------------------------------
@@ -96,10 +106,34 @@ def encode_rows(model: Model, plan: EditPlan) -> torch.Tensor:
     return emb
 
 
-def prepare(model: Model, inv: Inversion, targets: Sequence[str],
-            options: EditOptions) -> PreparedEdit:
+def load_original(inv: Inversion, original) -> Image.Image:
+    """``original`` (a path or an image) read as the inversion read its input, and refused
+    unless its pixels are those the inversion was made from."""
+    img = load_image(original)
+    if image_hash(img) != inv.image_hash:
+        raise ValueError(
+            "original= is not the image this inversion was made from (its pixels differ from "
+            f"those inverted: {img.size[0]} x {img.size[1]}); pass the same file, or invert "
+            "this image")
+    return img
+
+
+def user_mask_tensors(mask: np.ndarray, latent_hw: tuple[int, int], factor: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A working-size mask as (latent ``1 x 1 x h x w`` bool: a latent cell counts when any
+    of its pixels is in the mask, image ``H x W`` 0/1)."""
+    pix = torch.from_numpy(mask > 0.5)
+    h, w = latent_hw
+    lat = pix.reshape(h, factor, w, factor).any(dim=3).any(dim=1)
+    return lat[None, None], pix.float()
+
+
+def prepare(model: Model, inv: Inversion, targets: Sequence[str], options: EditOptions, *,
+            mask=None, original=None) -> PreparedEdit:
     """Step 1: check the inputs, plan the prompts, encode, build controller and blend."""
     check_timesteps(model, inv)
+    orig = None if original is None else load_original(inv, original)
+    user = None if mask is None else load_mask(mask, tuple(inv.image_size))
     if isinstance(targets, str):
         targets = [targets]
     if not targets:
@@ -121,7 +155,11 @@ def prepare(model: Model, inv: Inversion, targets: Sequence[str],
         self_max_queries=int(latent_hw[0] * latent_hw[1] * o.self_fraction),
         equalizer=plan.equalizer, store_keys=set(keys) | set(shown),
     )
-    return PreparedEdit(plan, emb, controller, make_blend(plan, keys, steps), keys, shown, w)
+    user_t = None
+    if user is not None:
+        user_t = user_mask_tensors(user, latent_hw, model.vae_scale_factor)
+    return PreparedEdit(plan, emb, controller, make_blend(plan, keys, steps, user_t), keys,
+                        shown, w, orig, user)
 
 
 # -- 3. collect --------------------------------------------------------------------------------------
@@ -144,16 +182,16 @@ def collect(model: Model, inv: Inversion, prep: PreparedEdit, latents: torch.Ten
     """Step 3: decode, composite with the blend's pixel mask, attention maps, results."""
     plan, blend, o = prep.plan, prep.blend, prep.plan.options
     images = model.decode_latents(latents)
-    pix = None
-    if blend is not None and o.pixel_blend:
-        pix = blend.pixel_mask((images[0].size[1], images[0].size[0]))
-    if pix is not None:
+    hw = (images[0].size[1], images[0].size[0])
+    pix = None if blend is None else blend.pixel_mask(hw)
+    if pix is not None and o.pixel_blend:
         images = [images[0]] + [composite(images[0], im, pix[k])
                                 for k, im in enumerate(images[1:], start=1)]
     maps = prep.controller.store.average(prep.display_keys)
     src_maps = _word_maps(None if maps is None else maps[0], plan.source)
     common = {
         **o.to_dict(), "blend_mask": plan.mask_source or "none",
+        "user_mask": prep.user_mask is not None,
         "blend_sizes": [list(k[:2]) for k in prep.blend_keys], "guidance": prep.guidance,
         "leakage": o.leakage if o.protect else "none",
         "method": inv.method, "steps": inv.steps, "batch": plan.rows,
@@ -165,13 +203,27 @@ def collect(model: Model, inv: Inversion, prep: PreparedEdit, latents: torch.Ten
             mask = blend.last_mask[k, 0].cpu().numpy()
         words = plan.blend_rows[k] if plan.blend_auto else list(o.blend_words or ())
         src_words = plan.blend_rows[0] if plan.blend_auto else list(o.blend_words or ())
+        mask_image = None if pix is None else pix[k].cpu().numpy().astype(np.float32)
+        extra: dict[str, Any] = {}
+        if mask_image is not None and covers_everything(mask_image):
+            extra["notice"] = "the mask covers the whole image: no pixel of the source is kept"
+        image = images[k]
+        if prep.original is not None:
+            image, weight = full_resolution(prep.original, images[k], mask_image)
+            extra["full_resolution"] = {
+                "size": list(image.size), "kept_original_pixels": weight is not None,
+                "border_px": border_px(image.size, images[k].size) if weight is not None else 0}
+            if weight is None:
+                extra["notice"] = ("no blend mask (blending off): the whole edit was upscaled; "
+                                   "no pixel of the original is kept")
         results.append(EditResult(
-            image=images[k], source=images[0], target=tp.target,
+            image=image, source=images[0], target=tp.target,
             attention_maps=_word_maps(None if maps is None else maps[k], tp.tokens),
             source_attention_maps=src_maps, mask=mask, seconds=seconds,
             options={**common, "mode": tp.mode, "blend_words": words,
                      "blend_source_words": src_words,
-                     "changed": [tp.changed_source, tp.changed_target]},
+                     "changed": [tp.changed_source, tp.changed_target], **extra},
+            image_native=images[k], mask_image=mask_image,
         ))
     return results
 
@@ -180,19 +232,28 @@ def collect(model: Model, inv: Inversion, prep: PreparedEdit, latents: torch.Ten
 
 
 def edit_many(model: Model, inv: Inversion, targets: Sequence[str],
-              options: EditOptions | None = None, *, callback: Callback | None = None,
-              progress: bool = True) -> list[EditResult]:
+              options: EditOptions | None = None, *, mask=None, original=None,
+              callback: Callback | None = None, progress: bool = True) -> list[EditResult]:
     """Prompt-to-Prompt edits of one inversion into several targets, in one batch
-    (options: :class:`editor.options.EditOptions`). ``callback(step, total)`` after every
-    step; returning ``False`` cancels (:class:`editor.progress.Cancelled`)."""
+    (options: :class:`editor.options.EditOptions`).
+
+    ``mask``: a user mask (image, array or path; any size) that confines the edit
+    (:func:`editor.compose.load_mask`; ``options.mask_mode`` combines it with the automatic
+    one): outside it every pixel is the reconstruction's. ``original``: the full-size image
+    the inversion was made from (checked); each result's ``image`` is then the original's
+    size, the original's pixels outside the feathered mask (:mod:`editor.compose`).
+    ``callback(step, total)`` after every step; returning ``False`` cancels
+    (:class:`editor.progress.Cancelled`)."""
     t0 = time.perf_counter()
-    prep = prepare(model, inv, targets, options or EditOptions())
+    prep = prepare(model, inv, targets, options or EditOptions(), mask=mask, original=original)
     latents = denoise(model, inv, prep.emb, guidance=prep.guidance, controller=prep.controller,
                       blend=prep.blend, callback=callback, progress=progress, desc="editing")
     return collect(model, inv, prep, latents, time.perf_counter() - t0)
 
 
 def edit(model: Model, inv: Inversion, target: str, options: EditOptions | None = None, *,
-         callback: Callback | None = None, progress: bool = True) -> EditResult:
+         mask=None, original=None, callback: Callback | None = None,
+         progress: bool = True) -> EditResult:
     """Edit ``inv`` into ``target`` (see :func:`edit_many`)."""
-    return edit_many(model, inv, [target], options, callback=callback, progress=progress)[0]
+    return edit_many(model, inv, [target], options, mask=mask, original=original,
+                     callback=callback, progress=progress)[0]

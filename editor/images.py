@@ -10,26 +10,69 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+#: The largest image read, in pixels (a 50 MP photo decodes to 150 MB of RGB). A larger JPEG
+#: is decoded at a reduced scale (1/2, 1/4, 1/8, Pillow's ``draft``) to fit; any other larger
+#: file is refused before it is decoded, so a small file that would decode to gigabytes (a
+#: "decompression bomb") costs nothing.
+MAX_IMAGE_PIXELS = 50_000_000
+#: The most elongated image accepted (long side / short side).
+MAX_ASPECT = 8.0
 
-def load_image(image: Image.Image | str | Path) -> Image.Image:
+
+def _check_geometry(size: tuple[int, int], what: str, max_pixels: int, max_aspect: float) -> None:
+    w, h = size
+    if w < 1 or h < 1:
+        raise ValueError(f"{what} has no pixels ({w} x {h})")
+    if max(w, h) / min(w, h) > max_aspect:
+        raise ValueError(f"{what} is {w} x {h} pixels, an aspect ratio of "
+                         f"{max(w, h) / min(w, h):.1f}:1; pivot-edit takes images up to "
+                         f"{max_aspect:g}:1 (crop it first)")
+    if w * h > max_pixels:
+        raise ValueError(f"{what} is {w} x {h} pixels ({w * h / 1e6:.1f} MP); pivot-edit reads "
+                         f"images up to {max_pixels / 1e6:g} MP (resize it first)")
+
+
+def _open(path: Path, max_pixels: int, max_aspect: float) -> Image.Image:
+    """Open and decode ``path`` within the pixel and aspect limits (JPEGs reduced on load)."""
+    name = f"image {str(path)!r}"
+    try:
+        with Image.open(path) as im:
+            _check_geometry(im.size, name, 2**62, max_aspect)
+            w, h = im.size
+            if w * h > max_pixels and im.format == "JPEG":
+                # the smallest power-of-two reduction that fits (JPEG decodes at 1/2, 1/4, 1/8)
+                s = 2 ** math.ceil(math.log2(math.sqrt(w * h / max_pixels)))
+                im.draft("RGB", (math.ceil(w / s), math.ceil(h / s)))
+            _check_geometry(im.size, name, max_pixels, max_aspect)
+            im.load()
+            img = im.copy()
+            img.info.update(im.info)
+    except ValueError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError,
+            EOFError) as exc:
+        raise ValueError(f"{str(path)!r} is not a readable image ({exc})") from None
+    return img
+
+
+def load_image(image: Image.Image | str | Path, *, max_pixels: int = MAX_IMAGE_PIXELS,
+               max_aspect: float = MAX_ASPECT) -> Image.Image:
     """Open ``image`` (a path or a PIL image) as RGB, honouring EXIF orientation.
 
-    RGBA / LA / palette-with-transparency are composited on white; greyscale,
-    CMYK, 16-bit and float images are converted. Raises ``ValueError`` for a
-    file that is missing or not an image.
+    RGBA / LA / palette-with-transparency are composited on white; greyscale and CMYK are
+    converted; 16-bit images are scaled by their bit depth (never contrast-stretched).
+    Raises ``ValueError`` for a path that is missing, a folder, or not an image, and for an
+    image beyond :data:`MAX_IMAGE_PIXELS` or :data:`MAX_ASPECT` (the message names the limit).
     """
     if isinstance(image, (str, Path)):
         path = Path(image)
+        if path.is_dir():
+            raise ValueError(f"{str(path)!r} is a folder, not an image file")
         if not path.is_file():
             raise ValueError(f"image file not found: {str(path)!r}")
-        try:
-            with Image.open(path) as im:
-                im.load()
-                img = im.copy()
-                img.info.update(im.info)
-        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-            raise ValueError(f"{str(path)!r} is not a readable image ({exc})") from None
+        img = _open(path, max_pixels, max_aspect)
     elif isinstance(image, Image.Image):
+        _check_geometry(image.size, "the image", max_pixels, max_aspect)
         img = image
     else:
         raise ValueError(f"expected a PIL image or a path, got {type(image).__name__}")
@@ -37,10 +80,13 @@ def load_image(image: Image.Image | str | Path) -> Image.Image:
         img = ImageOps.exif_transpose(img)
     except Exception:  # noqa: BLE001 - a broken EXIF block must not stop the edit
         pass
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.float64)  # 16-bit samples (PNG "I" is 16-bit too)
+        img = Image.fromarray(np.clip(np.round(arr / 257.0), 0, 255).astype(np.uint8), "L")
+    elif img.mode == "F":
         arr = np.asarray(img, dtype=np.float64)
-        hi = 65535.0 if img.mode.startswith("I") and arr.max() > 255 else max(arr.max(), 1.0)
-        img = Image.fromarray(np.clip(arr / hi * 255.0, 0, 255).astype(np.uint8), "L")
+        arr = arr * 255.0 if np.nanmax(arr) <= 1.0 else arr  # [0, 1] floats, else 0..255
+        img = Image.fromarray(np.clip(np.nan_to_num(arr), 0, 255).round().astype(np.uint8), "L")
     if img.mode == "P":
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA"):

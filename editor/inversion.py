@@ -17,6 +17,7 @@ editing) is :mod:`editor.sampling`'s one loop.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ from tqdm.auto import tqdm
 
 from .ddim import ddim_inverse_step, ddim_step
 from .fastpath import FastPath, resolve_fast, resolve_sync_every
-from .fileio import atomic_write_bytes
+from .fileio import atomic_write_bytes, printable
 from .images import prepare_image, to_tensor
 from .options import METHODS, InvertOptions
 from .progress import Callback, Cancelled, InversionCancelled, StepHook
@@ -67,18 +68,24 @@ class Inversion:
     image_hash: str
     offsets: torch.Tensor | None = None  # steps x C x h x w (direct only)
     stats: dict[str, Any] = field(default_factory=dict)  # seconds, losses, inner steps
+    #: where the image came from, when known (``{"path": ..., "size": [w, h]}``): a hint for
+    #: ``edit --original``, never a path the engine opens by itself
+    source: dict[str, Any] | None = None
 
     def uncond_at(self, i: int) -> torch.Tensor:
         """Null embedding (1 x L x D) for sampling step ``i``."""
         return self.uncond[min(i, self.uncond.shape[0] - 1)][None]
 
     def check_model(self, model: Model) -> None:
-        """Refuse an inversion made with other weights (its null embeddings would be meaningless)."""
+        """Refuse an inversion made with other weights (its null embeddings would be meaningless).
+        The file's recorded model id is only a hint in the message, never loaded."""
         if self.model_fingerprint != model.fingerprint:
             raise ValueError(
-                f"this inversion was made with model {self.model_id!r} "
-                f"(fingerprint {self.model_fingerprint}); the loaded model is "
-                f"{model.model_id!r} ({model.fingerprint}). Invert the image again with this model."
+                f"this inversion was made with model {printable(self.model_id)!r} "
+                f"(fingerprint {printable(self.model_fingerprint)}); the loaded model is "
+                f"{model.model_id!r} ({model.fingerprint}). Invert the image again with this "
+                f"model, or load the model it was made with (pass --model with it, or "
+                f"--model-from-inversion to load what the file names)."
             )
 
     # -- file format: <name>.safetensors with JSON metadata in its header ----------------------
@@ -103,36 +110,123 @@ class Inversion:
             "image_hash": self.image_hash,
             "stats": self.stats,
         }
+        if self.source is not None:
+            meta["source"] = self.source
         data = save_bytes(tensors, metadata={"pivot_edit": json.dumps(meta)})
         return atomic_write_bytes(path, data)
 
     @classmethod
     def load(cls, path: str | Path) -> Inversion:
+        """Read and validate an inversion file; every problem is a ``ValueError`` naming the
+        file and the field (a file received from someone else is checked, never trusted)."""
         path = Path(path)
+        if path.is_dir():
+            raise ValueError(f"{str(path)!r} is a folder, not an inversion file")
         if not path.is_file():
             raise ValueError(f"inversion file not found: {str(path)!r}")
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise ValueError(f"{str(path)!r} is {size / 2**20:.0f} MB, larger than any inversion "
+                             f"({MAX_FILE_BYTES // 2**20} MB at most); not a pivot-edit inversion")
         try:
             from safetensors import safe_open
 
             with safe_open(str(path), framework="pt") as f:
                 raw = (f.metadata() or {}).get("pivot_edit")
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as exc:
+                names = set(f.keys())
+            tensors = load_file(str(path)) if raw is not None else {}
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise ValueError(f"{str(path)!r} is not a pivot-edit inversion file ({exc})") from None
         if raw is None:
             raise ValueError(f"{str(path)!r} is a safetensors file but not a pivot-edit inversion")
+        return _from_file(cls, str(path), raw, tensors, names)
+
+
+#: The largest inversion file read (SDXL at 50 steps is ~32 MB).
+MAX_FILE_BYTES = 256 * 2**20
+_TENSORS = {"z_T", "uncond", "offsets"}
+
+
+def _from_file(cls, where: str, raw: str, tensors: dict[str, torch.Tensor],
+               names: set[str]) -> Inversion:
+    def bad(field_: str, why: str) -> ValueError:
+        return ValueError(f"{where!r}: inversion field {field_!r} {why}")
+
+    try:
         meta = json.loads(raw)
-        if meta.get("format") != FORMAT or meta.get("version", 0) > FORMAT_VERSION:
-            raise ValueError(f"{str(path)!r}: unsupported inversion format {meta.get('format')!r} "
-                             f"version {meta.get('version')!r}")
-        return cls(
-            prompt=meta["prompt"], method=meta["method"], steps=int(meta["steps"]),
-            guidance=float(meta["guidance"]), z_T=tensors["z_T"], uncond=tensors["uncond"],
-            timesteps=[int(t) for t in meta["timesteps"]], image_size=tuple(meta["image_size"]),
-            model_id=meta["model_id"], model_fingerprint=meta["model_fingerprint"],
-            image_hash=meta["image_hash"], offsets=tensors.get("offsets"),
-            stats=meta.get("stats", {}),
-        )
+    except ValueError:
+        raise ValueError(f"{where!r}: its pivot-edit metadata is not JSON") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{where!r}: its pivot-edit metadata is not a JSON object")
+    if meta.get("format") != FORMAT or not isinstance(meta.get("version"), int) \
+            or not 1 <= meta["version"] <= FORMAT_VERSION:
+        raise ValueError(f"{where!r}: unsupported inversion format {meta.get('format')!r} "
+                         f"version {meta.get('version')!r} (this pivot-edit reads {FORMAT!r} "
+                         f"version {FORMAT_VERSION})")
+
+    def get(key: str, kind, check=None):
+        if key not in meta:
+            raise bad(key, "is missing")
+        v = meta[key]
+        if not isinstance(v, kind) or isinstance(v, bool):
+            raise bad(key, f"has the wrong type ({type(v).__name__})")
+        if check is not None and not check(v):
+            raise bad(key, f"has an impossible value {v!r}"[:300])
+        return v
+
+    def finite(lo: float, hi: float):
+        return lambda v: math.isfinite(float(v)) and lo <= float(v) <= hi
+
+    prompt = get("prompt", str, lambda v: 0 < len(v) <= 10_000 and v.strip())
+    method = get("method", str, lambda v: v in METHODS)
+    steps = get("steps", int, lambda v: 1 <= v <= 1000)
+    guidance = float(get("guidance", (int, float), finite(1.0, 100.0)))
+    timesteps = get("timesteps", list, lambda v: len(v) == steps and all(
+        isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 100_000 for t in v))
+    image_size = get("image_size", list, lambda v: len(v) == 2 and all(
+        isinstance(s, int) and not isinstance(s, bool) and 1 <= s <= 65_536 for s in v))
+    model_id = get("model_id", str, lambda v: len(v) <= 4096)
+    fingerprint = get("model_fingerprint", str, lambda v: 0 < len(v) <= 128)
+    image_hash = get("image_hash", str, lambda v: 0 < len(v) <= 128)
+    stats = meta.get("stats", {})
+    if not isinstance(stats, dict):
+        raise bad("stats", "is not an object")
+    source = meta.get("source")
+    if source is not None and not isinstance(source, dict):
+        raise bad("source", "is not an object")
+
+    unknown = names - _TENSORS
+    if unknown:
+        raise bad(sorted(unknown)[0], "is not a tensor an inversion holds")
+    for key in ("z_T", "uncond"):
+        if key not in tensors:
+            raise bad(key, "(a tensor) is missing")
+    for key, t in tensors.items():
+        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise bad(key, f"has dtype {str(t.dtype).removeprefix('torch.')}, not a float type")
+        if not bool(torch.isfinite(t).all()):
+            raise bad(key, "holds NaN or infinite values")
+    z, u, off = tensors["z_T"].float(), tensors["uncond"].float(), tensors.get("offsets")
+    if z.dim() != 4 or z.shape[0] != 1 or min(z.shape) < 1:
+        raise bad("z_T", f"has shape {tuple(z.shape)}; expected 1 x C x h x w")
+    if u.dim() != 3 or u.shape[0] not in (1, steps) or min(u.shape) < 1:
+        raise bad("uncond", f"has shape {tuple(u.shape)}; expected (1 or {steps}) x L x D")
+    if method == "null-text" and u.shape[0] != steps:
+        raise bad("uncond", f"has {u.shape[0]} rows; a null-text inversion of {steps} steps "
+                  f"has {steps}")
+    if (off is not None) != (method == "direct"):
+        raise bad("offsets", "is present without direct inversion" if off is not None
+                  else "is missing (direct inversion needs one per step)")
+    if off is not None:
+        off = off.float()
+        if tuple(off.shape) != (steps, *z.shape):
+            raise bad("offsets", f"has shape {tuple(off.shape)}; expected {(steps, *z.shape)}")
+    return cls(
+        prompt=prompt, method=method, steps=steps, guidance=guidance, z_T=z, uncond=u,
+        timesteps=list(timesteps), image_size=(int(image_size[0]), int(image_size[1])),
+        model_id=model_id, model_fingerprint=fingerprint, image_hash=image_hash,
+        offsets=off, stats=stats, source=source,
+    )
 
 
 # -- algorithms --------------------------------------------------------------------------------

@@ -39,8 +39,13 @@ from typing import Any
 from .fileio import slugify
 from .options import EditOptions, InvertOptions
 
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_ITEM_KEYS = {"id", "image", "prompt", "edits", "target", "inversion"}
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+#: Names the runner itself uses in an output folder: no item may take them.
+RESERVED_IDS = frozenset({"summary.json", ".cache", ".pivot-edit.lock", "raw", "grid.png",
+                          "metrics.csv", "summary.csv", "summary.md"})
+#: The largest manifest read (a manifest is text: 10,000 items fit in a few MB).
+MAX_MANIFEST_BYTES = 64 * 2**20
+_ITEM_KEYS = {"id", "image", "prompt", "edits", "target", "inversion", "mask"}
 _INVERSION_KEYS = InvertOptions.names()
 
 
@@ -61,6 +66,8 @@ class EditSpec:
     target: str
     options: dict[str, Any] = field(default_factory=dict)
     resolved: EditOptions = field(default_factory=EditOptions, compare=False, repr=False)
+    #: a user mask for this edit (a path, relative to the manifest's folder or absolute)
+    mask: Path | None = None
 
 
 @dataclass
@@ -73,6 +80,11 @@ class BatchItem:
     edits: list[EditSpec]
     inversion: dict[str, Any] = field(default_factory=dict)
     line: int | None = None
+    #: a user mask for every edit of the item that gives none of its own
+    mask: Path | None = None
+
+    def mask_of(self, spec: EditSpec) -> Path | None:
+        return spec.mask or self.mask
 
     def output_names(self) -> list[str]:
         """File names of the edits, ``<n>-<slug>.png`` with n counting from 1."""
@@ -105,6 +117,14 @@ def _check_inversion_options(opts: dict[str, Any], path: Path, line: int | None)
     return dict(opts)
 
 
+def _path(value: Any, manifest: Path, line: int | None, what: str) -> Path:
+    if not isinstance(value, str) or not value.strip():
+        raise ManifestError(manifest, line, f"{what!r} must be a path (relative to the manifest, "
+                            "or absolute)")
+    p = Path(value.strip()).expanduser()
+    return p if p.is_absolute() else manifest.parent / p
+
+
 def _parse_edit(raw: Any, path: Path, line: int | None) -> EditSpec:
     if isinstance(raw, str):
         raw = {"target": raw}
@@ -113,12 +133,13 @@ def _parse_edit(raw: Any, path: Path, line: int | None) -> EditSpec:
     target = raw.get("target")
     if not isinstance(target, str) or not target.strip():
         raise ManifestError(path, line, "an edit needs a non-empty 'target' prompt")
-    opts = {k: v for k, v in raw.items() if k != "target"}
+    opts = {k: v for k, v in raw.items() if k not in ("target", "mask")}
     try:
         resolved = EditOptions.from_mapping(opts)
     except ValueError as exc:
         raise ManifestError(path, line, f"edit {target.strip()!r}: {_reason(exc)}") from None
-    return EditSpec(target.strip(), opts, resolved)
+    mask = _path(raw["mask"], path, line, "mask") if raw.get("mask") is not None else None
+    return EditSpec(target.strip(), opts, resolved, mask)
 
 
 def parse_item(raw: Any, *, path: Path, line: int | None) -> BatchItem:
@@ -149,14 +170,19 @@ def parse_item(raw: Any, *, path: Path, line: int | None) -> BatchItem:
     item_id = raw.get("id")
     if item_id is not None:
         item_id = str(item_id)
-        if not _ID_RE.match(item_id):
-            raise ManifestError(path, line, f"id {item_id!r} must be letters, digits, '.', '_' "
-                                "or '-' (it names the output folder)")
+        if not _ID_RE.fullmatch(item_id):
+            raise ManifestError(path, line, f"id {item_id!r} must be 1-128 letters, digits, '.', "
+                                "'_' or '-', starting with a letter or digit (it names the "
+                                "output folder)")
+        if item_id.lower() in RESERVED_IDS:
+            raise ManifestError(path, line, f"id {item_id!r} is a name the runner uses itself in "
+                                "the output folder; choose another")
     img_path = Path(image.strip()).expanduser()
     if not img_path.is_absolute():
         img_path = path.parent / img_path
+    mask = _path(raw["mask"], path, line, "mask") if raw.get("mask") is not None else None
     return BatchItem(id=item_id or "", image=img_path, prompt=" ".join(prompt.split()),
-                     edits=edits, inversion=inv, line=line)
+                     edits=edits, inversion=inv, line=line, mask=mask)
 
 
 def _yaml_lines(text: str) -> list[int | None]:
@@ -174,10 +200,23 @@ def _yaml_lines(text: str) -> list[int | None]:
     return []
 
 
+def _refuse_aliases(path: Path, text: str) -> None:
+    """YAML aliases (``*name``) can make a few kilobytes expand to gigabytes ("billion
+    laughs"); a manifest has no use for them, so any alias is refused before loading."""
+    import yaml
+
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.AliasEvent):
+            raise ManifestError(path, event.start_mark.line + 1,
+                                f"YAML aliases (*{event.anchor}) are not allowed in a manifest; "
+                                "write each item out")
+
+
 def _read_yaml(path: Path, text: str) -> list[BatchItem]:
     import yaml
 
     try:
+        _refuse_aliases(path, text)
         data = yaml.safe_load(text)
         lines = _yaml_lines(text)
     except yaml.YAMLError as exc:
@@ -250,8 +289,14 @@ def _read_csv(path: Path, text: str) -> list[BatchItem]:
 def read_manifest(path: str | Path) -> list[BatchItem]:
     """Read and validate a manifest; :class:`ManifestError` (a ValueError) names the line."""
     path = Path(path)
+    if path.is_dir():
+        raise ManifestError(path, None, "is a folder, not a manifest file")
     if not path.is_file():
         raise ManifestError(path, None, "file not found")
+    size = path.stat().st_size
+    if size > MAX_MANIFEST_BYTES:
+        raise ManifestError(path, None, f"is {size / 2**20:.0f} MB; manifests are read up to "
+                            f"{MAX_MANIFEST_BYTES // 2**20} MB (split it into several)")
     try:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:

@@ -39,6 +39,8 @@ SELF_LAYER_RULES = {"null-text": 0.25, "prompt-to-prompt": 1 / 16}
 #: up blocks' maps at their coarsest size, as P2P's LocalBlend: 16x16 for SD 1.5 at 512 px)
 #: or ``"half"`` (every map whose side is at least half the latent's).
 BLEND_MAPS = ("published", "half")
+#: How a user's mask (``edit(..., mask=...)``) combines with the automatic blend mask.
+MASK_MODES = ("user", "intersect", "union")
 #: Largest step count any verb accepts.
 MAX_STEPS = 1000
 #: Largest guidance scale accepted (finite and sane; SD is used at 1-30).
@@ -224,6 +226,9 @@ class InvertOptions(_Options):
       size squared); the image is resized to it, keeping its aspect ratio.
     - ``sync_every``, ``fast``: how the null-text loop runs (speed only; see
       :func:`editor.fastpath.resolve_sync_every` and :class:`editor.fastpath.FastPath`).
+    - ``check_reconstruction``: sample the inversion back and record the reconstruction's
+      PSNR against the (resized) input in ``stats`` (one more sampling pass; a warning below
+      :data:`editor.facade.RECONSTRUCTION_WARNING_DB`).
     """
 
     VERB: ClassVar[str] = "inversion"
@@ -240,6 +245,7 @@ class InvertOptions(_Options):
     max_pixels: int | None = None
     sync_every: int | None = None
     fast: str | None = None
+    check_reconstruction: bool = True
 
     def check(self) -> InvertOptions:
         check_choice("method", self.method, METHODS, "inversion method")
@@ -255,6 +261,9 @@ class InvertOptions(_Options):
             check_int("sync_every", self.sync_every, 0)
         if self.fast is not None:
             check_choice("fast", self.fast, FAST_MODES, "fast mode")
+        if not isinstance(self.check_reconstruction, bool):
+            raise ValueError("check_reconstruction must be true or false, got "
+                             f"{self.check_reconstruction!r}")
         return self
 
     def result_key(self) -> dict[str, Any]:
@@ -288,7 +297,8 @@ class EditOptions(_Options):
       thresholded at ``noise_threshold`` of its max). ``blend_maps``: which cross-attention
       maps the attention blend reads (:data:`BLEND_MAPS`). ``blend_start``: fraction of
       steps before blending starts (``int(f * steps)``). ``pixel_blend``: also composite
-      the decoded images.
+      the decoded images. ``mask_mode``: with a user mask (``edit(..., mask=...)``),
+      ``"user"`` (it alone), ``"intersect"`` or ``"union"`` with the automatic mask.
     - ``reweight``: ``{word: scale}`` on the target's attention columns while
       cross-attention is injected; with ``reweight_text`` also on the word's share of the
       text encoding (scales clipped to [0, 1] there).
@@ -308,6 +318,7 @@ class EditOptions(_Options):
     blend_start: float = 0.2
     blend_mask: str = "auto"
     blend_maps: str = "published"
+    mask_mode: str = "user"
     noise_threshold: float = 0.5
     pixel_blend: bool = True
     reweight: Mapping[str, float] = field(default_factory=dict)
@@ -348,6 +359,7 @@ class EditOptions(_Options):
         self._set("blend_start", check_number("blend_start", self.blend_start, 0.0, 1.0))
         check_choice("blend_mask", self.blend_mask, BLEND_MASKS)
         check_choice("blend_maps", self.blend_maps, BLEND_MAPS)
+        check_choice("mask_mode", self.mask_mode, MASK_MODES, "mask mode")
         self._set("noise_threshold", check_number("noise_threshold", self.noise_threshold, 0.0,
                                                   1.0, hi_open=True))
         for name in ("pixel_blend", "reweight_text"):

@@ -87,9 +87,11 @@ def denoise(model: Model, inversion: Inversion, emb: torch.Tensor, *,
     return latents
 
 
-def reconstruct(model: Model, inversion: Inversion, *, progress: bool = True) -> Image.Image:
+def reconstruct(model: Model, inversion: Inversion, *, callback: Callback | None = None,
+                progress: bool = True) -> Image.Image:
     """Sample back with the inversion's own prompt; null-text reproduces the input up to
     the VAE's loss (Mokady et al. 2022, sec. 3)."""
     with model.lock:
         cond = model.encode_text([model.check_prompt(inversion.prompt)]).float()
-        return model.decode_latents(denoise(model, inversion, cond, progress=progress))[0]
+        latents = denoise(model, inversion, cond, callback=callback, progress=progress)
+        return model.decode_latents(latents)[0]

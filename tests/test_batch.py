@@ -55,10 +55,14 @@ class FakeEditor:
         if "unreadable" in prompt:
             raise ValueError("prompt is too long: 99 tokens")
         self.calls.append(("invert", prompt, given(options)))
-        return Inversion(prompt=prompt, method=options.method, steps=options.steps,
-                         guidance=7.5, z_T=torch.zeros(1, 4, 2, 2), uncond=torch.zeros(1, 3, 2),
-                         timesteps=[1], image_size=image.size, model_id=self.model_id,
-                         model_fingerprint=self.fingerprint, image_hash=image_hash(image))
+        n = options.steps  # a consistent file: it is validated when read back from the cache
+        return Inversion(prompt=prompt, method=options.method, steps=n, guidance=7.5,
+                         z_T=torch.zeros(1, 4, 2, 2),
+                         uncond=torch.zeros(n if options.method == "null-text" else 1, 3, 2),
+                         timesteps=list(range(n, 0, -1)), image_size=image.size,
+                         model_id=self.model_id, model_fingerprint=self.fingerprint,
+                         image_hash=image_hash(image),
+                         offsets=torch.zeros(n, 1, 4, 2, 2) if options.method == "direct" else None)
 
     def reconstruct(self, inv):
         self.calls.append(("reconstruct", inv.prompt))
@@ -70,16 +74,30 @@ class FakeEditor:
         rgb = tuple(hashlib.sha256(target.encode()).digest()[:3])
         return Image.new("RGB", (8, 8), rgb)
 
-    def edit(self, inv, target, options):
+    def edit(self, inv, target, options, mask=None, original=None):
         self.calls.append(("edit", target, given(options)))
         return FakeResult(self._img(target))
 
-    def edit_many(self, inv, targets, options):
+    def edit_many(self, inv, targets, options, mask=None, original=None):
         self.calls.append(("edit_many", tuple(targets), given(options)))
         return [FakeResult(self._img(t)) for t in targets]
 
     def count(self, verb):
         return sum(c[0] == verb for c in self.calls)
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def _dead_writer_temporary(path: Path) -> Path:
+    """The temporary a writer that has since died would have left for ``path``."""
+    from editor import fileio
+
+    return fileio.temporary_path(path).with_name(
+        fileio.temporary_path(path).name.replace(f"-{os.getpid()}.", f"-{_dead_pid()}."))
 
 
 @pytest.fixture
@@ -227,7 +245,8 @@ def test_batch_runs_isolates_failures_and_caches(images, tmp_path):
 
     # rerun: done items are skipped; failed ones retried; the inversion comes from the cache
     (out / "a/2-a-green-circle.png").unlink()
-    (out / "a/.1-a-blue-circle.png.123.tmp").write_bytes(b"half")  # a killed run's leftover
+    leftover = _dead_writer_temporary(out / "a/1-a-blue-circle.png")  # a killed run's leftover
+    leftover.write_bytes(b"half")
     fake2 = FakeEditor()
     report = run_batch(fake2, items, out, defaults={"steps": 7, "method": "null-text"}, progress=False)
     recs = {r.id: r for r in report.records}
@@ -364,7 +383,8 @@ def test_kill_9_then_resume(tmp_path):
     assert first and len(first) < 9  # killed part-way: 3 items x (2 edits + reconstruction)
     # plant what a kill in the middle of a write leaves behind
     (out / "s1").mkdir(exist_ok=True)
-    (out / "s1/.1-a-blue-square-on-a-white-background.png.999.tmp").write_bytes(b"\x89PNG half")
+    _dead_writer_temporary(out / "s1/1-a-blue-square-on-a-white-background.png").write_bytes(
+        b"\x89PNG half")
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     summary = json.loads((out / "summary.json").read_text())

@@ -17,7 +17,7 @@ LAYERS: dict[str, int] = {
     # 0: plain data and pure functions (no loaded model)
     "editor.options": 0, "editor.progress": 0, "editor.prompts": 0, "editor.plan": 0,
     "editor.ddim": 0, "editor.images": 0, "editor.scenes": 0, "editor.metrics": 0,
-    "editor.fileio": 0,
+    "editor.fileio": 0, "editor.compose": 0,
     # 1: the loaded model and its primitives
     "editor.model": 1,
     # 2: the algorithms

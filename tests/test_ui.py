@@ -128,7 +128,9 @@ def test_old_download_folders_are_pruned(ctx):
 
 
 def test_invert_shows_reconstruction_psnr_and_inversion_file(editor, inverted, examples):
-    recon, status, inv_path, gallery, session = inverted
+    recon, status, inv_path, gallery, session, target, mask_value = inverted
+    assert target == examples[0][1]  # the target box starts as the caption: change a word
+    assert mask_value["background"].size == Image.open(examples[0][0]).size
     assert recon.size == (256, 256)  # 64 px shown enlarged
     assert "PSNR" in status and "ddim" in status
     assert gallery == []
@@ -141,7 +143,7 @@ def test_invert_shows_reconstruction_psnr_and_inversion_file(editor, inverted, e
     inv = Inversion.load(inv_path)
     assert (inv.prompt, inv.method, inv.steps) == (examples[0][1], "ddim", STEPS)
     key = session.key
-    assert key[1:] == (examples[0][1], "ddim", STEPS, 7.5, editor.fingerprint)
+    assert key[1:] == (examples[0][1], "ddim", STEPS, 7.5, editor.fingerprint, None)
     assert key[0] == inv.image_hash
 
 
@@ -155,7 +157,8 @@ def test_invert_again_with_the_same_key_reuses_the_inversion(ctx, inverted, exam
 def test_edit_gives_slider_gallery_maps_and_png(ctx, inverted):
     session = inverted[4]
     target = "a blue circle on a white background"
-    (before, after), gallery, maps, png, status, s1 = _edit(ctx, target, session)
+    (before, after), gallery, maps, png, status, s1, native_png = _edit(ctx, target, session)
+    assert Image.open(native_png).size == (64, 64)
     assert before.size == after.size == (256, 256)
     assert np.array_equal(np.asarray(before)[::4, ::4], np.asarray(session.source))
     out = Image.open(png)
@@ -322,8 +325,9 @@ def test_client_invert_then_edit_through_named_endpoints(served, examples):
     named = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
     assert {"/invert", "/edit"} <= set(named)
     path, caption = examples[0]
-    recon, status, inv_file, gallery = client.predict(
+    recon, status, inv_file, gallery, prefilled, mask_value = client.predict(
         handle_file(path), caption, "ddim", STEPS, 7.5, api_name="/invert")
+    assert prefilled == caption
     assert "PSNR" in status and Path(recon).is_file()
     assert Inversion.load(inv_file).prompt == caption
     target = "a blue circle on a white background"
@@ -332,7 +336,7 @@ def test_client_invert_then_edit_through_named_endpoints(served, examples):
     with pytest.raises(AppError, match="hexagon"):
         client.predict(target, blend_words="hexagon", api_name="/edit")
     # the error left the session's inversion in place
-    slider, gallery, maps, png, status = client.predict(target, api_name="/edit")
+    slider, gallery, maps, png, status, native_png = client.predict(target, api_name="/edit")
     assert "Edited" in status
     assert len(slider) == 2 and all(Path(p).is_file() for p in slider)
     assert [g["caption"] for g in gallery] == [target]
@@ -346,13 +350,18 @@ def test_invert_reports_tqdm_progress_to_the_client(served, examples):
 
     path, caption = examples[3]
     job = _client(served).submit(handle_file(path), caption, "ddim", 20, 7.5, api_name="/invert")
-    seen = set()
+    seen = []
     while not job.done():
         for unit in job.status().progress_data or []:
-            seen.add(unit.desc)
+            seen.append((unit.desc, unit.index, unit.length))
         time.sleep(0.02)
     assert "PSNR" in job.result()[1]
-    assert seen & {"DDIM inversion", "sampling", "inverting"}, seen
+    # one bar over the whole job (inversion, then the reconstruction), filling once
+    assert {d for d, _, _ in seen} <= {"ddim inversion", "reconstruction"}, seen
+    assert "ddim inversion" in {d for d, _, _ in seen}, seen
+    assert {n for _, _, n in seen} == {40}, seen  # 20 inversion + 20 reconstruction steps
+    done = [i for _, i, _ in seen]
+    assert done == sorted(done), seen
 
 
 def test_two_sessions_each_get_their_own_result(served, examples):
@@ -380,18 +389,67 @@ def test_two_sessions_each_get_their_own_result(served, examples):
     assert psnr(out_b, src_b) > psnr(out_b, src_a) + 3
 
 
-def test_unreadable_upload_is_refused_and_the_app_keeps_running(served, examples, tmp_path):
+def test_served_app_refuses_bad_input_with_a_message(served, examples, tmp_path, editor):
+    """Through the API, as a hostile client would: each bad input gets its own message (a
+    ``gr.Error``, never Gradio's bare "Error"), and the app keeps serving."""
     from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
 
     client = _client(served)
+    path, caption = examples[0]
     junk = tmp_path / "junk.png"
     junk.write_bytes(b"not an image at all")
-    with pytest.raises(Exception):  # noqa: B017 - Gradio refuses it while preprocessing
-        client.predict(handle_file(str(junk)), "a red circle on a white background", "ddim",
-                       STEPS, 7.5, api_name="/invert")
-    path, caption = examples[0]
+    bomb = tmp_path / "bomb.png"
+    Image.new("L", (9_000, 9_000)).save(bomb)  # 81 MP in a few hundred KB
+    bad_inv = tmp_path / "bad.safetensors"
+    bad_inv.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}" + b"\x00" * 32)
+    cases = [
+        ((handle_file(str(junk)), caption, "ddim", STEPS, 7.5), "/invert",
+         "not an image this app can read"),
+        ((handle_file(str(bomb)), caption, "ddim", STEPS, 7.5), "/invert",
+         "pivot-edit reads images up to 50 MP"),
+        ((handle_file(path), caption, "ddim", 10**6, 7.5), "/invert",  # Gradio checks bounds
+         "steps must be an integer in 1..1000|greater than maximum value 100"),
+        ((handle_file(path), caption, "ddim", 10.5, 7.5), "/invert", "steps must be a whole number"),
+        ((handle_file(path), caption, "ddim", STEPS, 1e9), "/invert",
+         "guidance must be in|greater than maximum value 15"),
+        ((handle_file(path), caption, "magic", STEPS, 7.5), "/invert",
+         "unknown inversion method|not in the list of choices"),
+        ((handle_file(str(bad_inv)),), "/load_inversion", "not a pivot-edit inversion"),
+    ]
+    for args, endpoint, words in cases:
+        with pytest.raises(AppError, match=words):
+            client.predict(*args, api_name=endpoint)
+    client.predict(handle_file(path), caption, "ddim", STEPS, 7.5, api_name="/invert")
+    for kwargs, words in (({"cross_replace": 7.0},
+                           "cross_replace must lie in|greater than maximum value 1"),
+                          ({"reweight": "blue=1e30"}, "reweight factor for 'blue'")):
+        with pytest.raises(AppError, match=words):
+            client.predict("a blue circle on a white background", api_name="/edit", **kwargs)
     assert "PSNR" in client.predict(handle_file(path), caption, "ddim", STEPS, 7.5,
                                     api_name="/invert")[1]
+
+
+def test_non_finite_values_reach_the_handlers_as_page_errors(ctx, inverted, examples):
+    """gradio_client cannot send NaN (not JSON), a raw HTTP client can: the handlers refuse
+    them with the engine's message."""
+    path, caption = examples[0]
+    with pytest.raises(gr.Error, match="guidance must be a finite number"):
+        invert(ctx, path, caption, "ddim", STEPS, float("nan"), None)
+    with pytest.raises(gr.Error, match="steps must be a whole number"):
+        invert(ctx, path, caption, "ddim", float("inf"), 7.5, None)
+    with pytest.raises(gr.Error, match="noise_threshold must be a finite number"):
+        _edit(ctx, "a blue circle on a white background", inverted[4], mask_threshold=float("nan"))
+
+
+def test_a_received_inversions_prompt_is_shown_as_plain_text(ctx, inverted, tmp_path):
+    """A file can carry any prompt; the page shows it as text: no link, image or markup."""
+    inv = Inversion.load(inverted[2])
+    inv.prompt = "a red circle [click me](http://example.invalid) ![x](http://example.invalid/x.png)"
+    path = inv.save(tmp_path / "tricky.safetensors")
+    status = load(ctx, str(path), None)[6]
+    assert "](http" not in status and "\\[click me\\]" in status and "\\!\\[x\\]" in status
+    assert app.plain("<img src=x onerror=alert(1)>") == "\\<img src=x onerror=alert\\(1\\)\\>"
 
 
 # -- the page in a browser ---------------------------------------------------------------------
