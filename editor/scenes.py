@@ -10,6 +10,18 @@ the right half)::
 
     a red circle on a white background
     a red circle and a blue square on a gray background
+
+Opt-in graded attribute (``random_scene(..., graded=p)``): each object gets a size
+word (:data:`GRADES`) with probability ``p``, and its radius is drawn from that
+word's range (:func:`radius_range`); the ground truth is ``SceneObject.grade`` and
+``SceneObject.radius``, and :func:`object_sizes` / :func:`equivalent_radius` read the
+graded quantity back from an image::
+
+    a small red circle on a white background
+    a big red circle and a blue square on a gray background
+
+With ``graded=0`` (the default) nothing of this is drawn: every seed gives the same
+scene, image and caption as before the attribute existed.
 """
 
 from __future__ import annotations
@@ -30,19 +42,34 @@ COLORS: dict[str, tuple[int, int, int]] = {
 #: Hue (degrees) of each named color, used by :func:`classify_color`.
 HUES: dict[str, float] = {"red": 0.0, "yellow": 52.0, "green": 128.0, "blue": 226.0}
 BACKGROUNDS: dict[str, int] = {"white": 238, "gray": 128, "black": 22}
+#: Size words of the optional graded attribute, smallest first.
+GRADES: tuple[str, ...] = ("small", "big")
+#: Radius range (fraction of the image side) by object count and grade word; ``None`` is an
+#: object without a size word (the generator's ranges since the first version).
+RADIUS_RANGES: dict[int, dict[str | None, tuple[float, float]]] = {
+    1: {"small": (0.09, 0.13), None: (0.14, 0.24), "big": (0.25, 0.29)},
+    2: {"small": (0.07, 0.10), None: (0.11, 0.18), "big": (0.19, 0.22)},
+}
 
 
 @dataclass(frozen=True)
 class SceneObject:
-    """One object: its shape, color name, centre (x, y) and radius in pixels."""
+    """One object: its shape, color name, centre (x, y) and radius in pixels.
+
+    ``grade`` is the optional size word (one of :data:`GRADES`, or None); the radius
+    it stands for was drawn from :func:`radius_range` when the scene was sampled.
+    """
 
     shape: str
     color: str
     center: tuple[float, float]
     radius: float
     tint: tuple[int, int, int] = (0, 0, 0)  # small per-object colour jitter
+    grade: str | None = None
 
     def phrase(self) -> str:
+        if self.grade:
+            return f"{self.grade} {self.color} {self.shape}"
         return f"{self.color} {self.shape}"
 
 
@@ -137,6 +164,42 @@ def render(scene: Scene) -> tuple[Image.Image, list[np.ndarray]]:
     return Image.fromarray(np.round(img).astype(np.uint8), "RGB"), masks
 
 
+def radius_range(grade: str | None, n_objects: int) -> tuple[float, float]:
+    """Radius range (fraction of the image side) of an object with size word ``grade``."""
+    if grade is not None and grade not in GRADES:
+        raise ValueError(f"unknown grade {grade!r}; expected one of {GRADES} or None")
+    if n_objects not in RADIUS_RANGES:
+        raise ValueError("scenes have one or two objects")
+    return RADIUS_RANGES[n_objects][grade]
+
+
+def _draw_grades(rng: np.random.Generator, n: int, graded: float,
+                 grades: tuple[str | None, ...] | None) -> list[str | None]:
+    """Size words for ``n`` objects. Random ones come from a stream spawned off ``rng``
+    (``Generator.spawn`` leaves ``rng``'s own draws unchanged), and only when asked for."""
+    if grades is not None:
+        if len(grades) != n:
+            raise ValueError(f"grades has {len(grades)} entries for {n} objects")
+        for g in grades:
+            radius_range(g, n)  # validates
+        return list(grades)
+    if not 0.0 <= graded <= 1.0:
+        raise ValueError(f"graded is a probability; got {graded}")
+    if graded == 0.0:
+        return [None] * n
+    if hasattr(rng, "spawn"):
+        (sub,) = rng.spawn(1)
+    else:  # numpy < 1.25: the same child, through the bit generator's seed sequence
+        (child,) = rng.bit_generator._seed_seq.spawn(1)
+        sub = np.random.Generator(type(rng.bit_generator)(child))
+    out: list[str | None] = []
+    for _ in range(n):
+        hit = sub.random() < graded
+        word = GRADES[int(sub.integers(len(GRADES)))]
+        out.append(word if hit else None)
+    return out
+
+
 def random_scene(
     rng: np.random.Generator,
     *,
@@ -145,27 +208,41 @@ def random_scene(
     colors: tuple[str, ...] | None = None,
     shapes: tuple[str, ...] | None = None,
     background: str | None = None,
+    graded: float = 0.0,
+    grades: tuple[str | None, ...] | None = None,
 ) -> Scene:
     """Sample a scene. One object goes anywhere; with two, the first is in the
-    left half and the second in the right half (as the caption says)."""
+    left half and the second in the right half (as the caption says).
+
+    ``graded``: probability that an object gets a size word (:data:`GRADES`, chosen
+    uniformly), drawn from a stream spawned off ``rng``; ``grades`` names them instead
+    (one entry per object, None for none). A graded object's radius is the same draw
+    mapped linearly into its word's range (:func:`radius_range`), so ``rng`` is consumed
+    exactly as without grades: the same seed gives the same colours, shapes, background
+    and texture, and with ``graded=0`` and no ``grades`` the very same scene as ever.
+    """
     n = int(n_objects if n_objects is not None else rng.integers(1, 3))
     if n not in (1, 2):
         raise ValueError("scenes have one or two objects")
     cols = list(colors) if colors else [str(c) for c in rng.choice(list(COLORS), n, replace=False)]
     shps = list(shapes) if shapes else [str(s) for s in rng.choice(SHAPES, n)]
+    grds = _draw_grades(rng, n, graded, grades)
     objs = []
     for i in range(n):
+        lo, hi = radius_range(None, n)
+        r = rng.uniform(lo, hi) * size
+        if grds[i] is not None:  # the same draw, mapped into the grade's range
+            g_lo, g_hi = radius_range(grds[i], n)
+            r = (g_lo + (g_hi - g_lo) * (r / size - lo) / (hi - lo)) * size
         if n == 1:
-            r = rng.uniform(0.14, 0.24) * size
             lo_x, hi_x = r + 2, size - r - 2
         else:
-            r = rng.uniform(0.11, 0.18) * size
             half = size / 2
             lo_x, hi_x = (r + 2, half - r - 1) if i == 0 else (half + r + 1, size - r - 2)
         cx = rng.uniform(lo_x, max(lo_x, hi_x))
         cy = rng.uniform(r + 2, size - r - 2)
         tint = tuple(int(v) for v in rng.integers(-12, 13, size=3))
-        objs.append(SceneObject(shps[i], cols[i], (float(cx), float(cy)), float(r), tint))
+        objs.append(SceneObject(shps[i], cols[i], (float(cx), float(cy)), float(r), tint, grds[i]))
     bg = background or str(rng.choice(list(BACKGROUNDS)))
     return Scene(tuple(objs), bg, size, int(rng.integers(0, 2**31 - 1)))
 
@@ -263,6 +340,52 @@ def _components(mask: np.ndarray) -> list[np.ndarray]:
     return sorted(comps, key=lambda c: -c.sum())
 
 
+def object_regions(image: Image.Image | np.ndarray, n_objects: int) -> list[np.ndarray]:
+    """The regions :func:`check_image` reads, one boolean mask per object.
+
+    One object: the largest saturated component (:func:`object_mask`). Two objects:
+    the largest component in the left half and in the right half (empty if none).
+    """
+    arr = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
+    mask = object_mask(arr)
+    size = arr.shape[0]
+    if n_objects == 1:
+        comps = _components(mask)
+        return [comps[0] if comps else np.zeros_like(mask)]
+    regions = []
+    for side in (0, 1):
+        m = mask.copy()
+        if side == 0:
+            m[:, size // 2 :] = False
+        else:
+            m[:, : size // 2] = False
+        comps = _components(m)
+        regions.append(comps[0] if comps else np.zeros_like(mask))
+    return regions
+
+
+#: Area of each ideal shape of radius 1 (``shape_sdf``): circle pi r^2, square (2 * 0.86 r)^2,
+#: triangle an equilateral one of circumradius 1.2 r.
+SHAPE_AREA: dict[str, float] = {
+    "circle": float(np.pi),
+    "square": (2 * 0.86) ** 2,
+    "triangle": 3 * np.sqrt(3) / 4 * 1.2**2,
+}
+
+
+def object_sizes(image: Image.Image | np.ndarray, n_objects: int) -> list[int]:
+    """The graded quantity read from an image: area in pixels of each object's region
+    (:func:`object_regions`, so for two objects the left one first)."""
+    return [int(r.sum()) for r in object_regions(image, n_objects)]
+
+
+def equivalent_radius(area: float, shape: str) -> float:
+    """Radius (pixels, as ``SceneObject.radius``) of the ideal ``shape`` with this area."""
+    if shape not in SHAPE_AREA:
+        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+    return float(np.sqrt(max(float(area), 0.0) / SHAPE_AREA[shape]))
+
+
 @dataclass
 class Check:
     """What a checker read from an image, against what the caption asked for."""
@@ -280,21 +403,7 @@ def check_image(image: Image.Image, scene: Scene) -> Check:
     component in the left half and in the right half, so sides count too.
     """
     arr = np.asarray(image.convert("RGB"))
-    mask = object_mask(arr)
-    size = arr.shape[0]
-    if len(scene.objects) == 1:
-        comps = _components(mask)
-        regions = [comps[0] if comps else np.zeros_like(mask)]
-    else:
-        regions = []
-        for side in (0, 1):
-            m = mask.copy()
-            if side == 0:
-                m[:, size // 2 :] = False
-            else:
-                m[:, : size // 2] = False
-            comps = _components(m)
-            regions.append(comps[0] if comps else np.zeros_like(mask))
+    regions = object_regions(arr, len(scene.objects))
     colors = [classify_color(arr, r) for r in regions]
     shapes = [classify_shape(r) for r in regions]
     want_c = [o.color for o in scene.objects]
