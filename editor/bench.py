@@ -14,6 +14,7 @@ import platform
 import time
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -490,3 +491,96 @@ def bench_precision(editor: Editor, *, steps: int = 50, guidance: float = 7.5,
         r["delta_db"] = r["psnr"] - out["runs"]["fp32"]["psnr"]
         r["worst_delta_db"] = min(a - b for a, b in zip(r["psnr_each"], base, strict=True))
     return out
+
+
+# -- full-size edits: memory (``pivot-edit bench fullres``) --------------------------------------
+
+
+def _rss_mb() -> float:
+    """This process's resident memory now (MB; Linux /proc, else the peak so far)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench_fullres(*, size: tuple[int, int] = (4000, 3000), budget: int = 512 * 512,
+                  steps: int = 4, seed: int = 0) -> dict[str, Any]:
+    """Peak memory and time of one edit returned at full size: a ``size`` generator scene,
+    inverted (DDIM, ``steps``) at SD 1.5's pixel budget on an SD-1.5-shaped random model
+    (8x VAE, few channels: the compositing's cost does not depend on the weights), then
+    edited with ``original=`` (upscale, feathered mask, strip-wise blend). Memory: the
+    resident set sampled every 5 ms during each step, minus the resident set before it: the
+    edit at the working size, the same edit returned at full size, and the full-size
+    compositing alone (:func:`editor.compose.full_resolution`)."""
+    import threading
+
+    from .options import EditOptions
+
+    editor = sd15_random_editor("cpu", smoke=True, seed=seed)
+    sc = scenes.sample(9_300_000 + seed, n_objects=1).scene
+    image, _ = scenes.render_at(sc, *size)
+    inv = editor.invert(image, sc.caption(),
+                        InvertOptions(method="ddim", steps=steps, max_pixels=budget,
+                                      check_reconstruction=False), progress=False)
+    color = sc.objects[0].color
+    target = sc.caption().replace(color, "blue" if color != "blue" else "red")
+    import gc
+
+    def peak_of(fn):
+        gc.collect()
+        before = _rss_mb()
+        peak = [before]
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.is_set():
+                peak[0] = max(peak[0], _rss_mb())
+                stop.wait(0.005)
+
+        watcher = threading.Thread(target=sample, daemon=True)
+        watcher.start()
+        t0 = time.perf_counter()
+        try:
+            value = fn()
+        finally:
+            stop.set()
+            watcher.join()
+        return value, time.perf_counter() - t0, before, peak[0] - before
+
+    from .compose import full_resolution
+
+    native, native_s, _, native_growth = peak_of(
+        lambda: editor.edit(inv, target, EditOptions(), progress=False))
+    res, seconds, before, growth = peak_of(
+        lambda: editor.edit(inv, target, EditOptions(), original=image, progress=False))
+    _, compose_s, _, compose_growth = peak_of(
+        lambda: full_resolution(image, native.image, native.mask_image))
+    everything = np.ones(native.image.size[::-1], np.float32)
+    _, _, _, worst_growth = peak_of(lambda: full_resolution(image, native.image, everything))
+    w, h = size
+    plane = w * h * 4 / 2**20  # one full-size float32 plane, MB
+    return {
+        "machine": machine(), "model": editor.model_id, "original_size": [w, h],
+        "working_size": list(inv.image_size), "steps": steps,
+        "result_size": list(res.image.size),
+        "kept_original_pixels": res.options["full_resolution"]["kept_original_pixels"],
+        "border_px": res.options["full_resolution"]["border_px"],
+        "edit_seconds": round(seconds, 2), "rss_before_mb": round(before, 1),
+        "peak_growth_mb": round(growth, 1),
+        "native_edit_seconds": round(native_s, 2), "native_edit_peak_growth_mb": round(native_growth, 1),
+        "compose_seconds": round(compose_s, 2), "compose_peak_growth_mb": round(compose_growth, 1),
+        "float32_plane_mb": round(plane, 1),
+        "compose_peak_growth_in_float32_planes": round(compose_growth / plane, 2),
+        "compose_whole_image_mask_peak_growth_mb": round(worst_growth, 1),
+        "compose_whole_image_mask_in_float32_planes": round(worst_growth / plane, 2),
+        "rgb_uint8_mb": round(w * h * 3 / 2**20, 1),
+        "mask_fraction": round(float((native.mask_image > 0.5).mean()), 4)
+        if native.mask_image is not None else None,
+    }

@@ -71,6 +71,34 @@ def add_model_args(parser: argparse.ArgumentParser, *, default: str | None = Non
                         help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available)")
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                         help="weights dtype (default: float32 on CPU, float16 on GPU)")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="CPU threads for torch (default: the cores not already busy, at "
+                             "least 1: two processes on two cores each get one, instead of "
+                             "fighting over both)")
+
+
+def free_cores() -> int:
+    """Cores this process may use that are not busy right now (load average), at least 1."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:  # pragma: no cover
+        busy = 0.0
+    return max(1, min(cores, int(cores - busy + 0.5)))
+
+
+def configure_threads(threads: int | None) -> int:
+    """Set torch's CPU threads: ``threads``, or :func:`free_cores` (returned)."""
+    import torch
+
+    if threads is not None and (isinstance(threads, bool) or threads < 1):
+        raise ValueError(f"--threads must be an integer >= 1, got {threads!r}")
+    n = threads or free_cores()
+    torch.set_num_threads(n)
+    return n
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -111,6 +139,7 @@ def load_editor(args: argparse.Namespace, inversion=None) -> Editor:
     from .facade import Editor
 
     quiet_libraries()
+    configure_threads(getattr(args, "threads", None))
     model = args.model
     if inversion is not None and getattr(args, "model_from_inversion", False):
         model = inversion.model_id
@@ -309,7 +338,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
             convention = args.mask_convention or "select"
         editor = load_editor(args)
     report = C.run_compare(editor, cases, configs, args.out, convention=convention,
-                           use_cache=not args.no_cache, title=title, notes=notes)
+                           use_cache=not args.no_cache, title=title, notes=notes,
+                           native=args.native)
     for line in C.markdown_table(report.summary()).splitlines():
         print(printable(line))
     for note in report.notes:
@@ -480,6 +510,21 @@ def cmd_bench_inversion(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_fullres(args: argparse.Namespace) -> int:
+    """Peak memory and time of one edit returned at a photo's full size; print JSON."""
+    from .bench import bench_fullres
+
+    quiet_libraries()
+    try:
+        w, h = (int(v) for v in args.size.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--size must be WIDTHxHEIGHT, e.g. 4000x3000, got {args.size!r}") from None
+    if not (16 <= w <= 12_000 and 16 <= h <= 12_000):
+        raise ValueError("--size: each side 16..12000 pixels")
+    print(json.dumps(bench_fullres(size=(w, h), budget=args.budget, steps=args.steps), indent=1))
+    return 0
+
+
 def cmd_bench_gpu(args: argparse.Namespace) -> int:
     """Null-text inversion and P2P edit speed at SD 1.5 size (random weights); print JSON."""
     from .bench import DEFAULT_GPU_VARIANTS, bench_gpu
@@ -562,6 +607,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default="null-text,negative-prompt,direct,ddim",
                    help="comma-separated methods to measure ('' for none: reference timing only)")
     p.set_defaults(func=cmd_bench_inversion)
+
+    p = bench_sub.add_parser(
+        "fullres", help="memory and time of an edit returned at a photo's full size",
+        description="Invert a generator scene drawn at --size at SD 1.5's pixel budget (an "
+                    "SD-1.5-shaped random model, 8x VAE) and edit it with original=: peak "
+                    "resident memory of the edit (sampled) and its seconds, as JSON.")
+    p.add_argument("--size", default="4000x3000", help="the original's size (default 4000x3000)")
+    p.add_argument("--budget", type=int, default=512 * 512,
+                   help="working pixel budget (default 512*512, SD 1.5's)")
+    p.add_argument("--steps", type=int, default=4, help="DDIM steps (default 4)")
+    p.set_defaults(func=cmd_bench_fullres)
 
     p = bench_sub.add_parser(
         "gpu", help="null-text inversion and P2P edit speed at SD 1.5 size (random weights)",
@@ -749,6 +805,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the whole image with the mask zeroed as PIE-Bench does ('zero'; default "
                         "for --pie-bench)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write OUT/.cache")
+    p.add_argument("--native", action="store_true",
+                   help="edit and measure at the working (model) size, also for larger images "
+                        "(default: at the image's own size)")
     p.set_defaults(func=cmd_compare)
 
     return parser

@@ -413,9 +413,13 @@ class CompareReport:
 def run_compare(
     editor: Editor, cases: list[Case], configs: list[Config], out_dir: str | Path, *,
     convention: str = "select", use_cache: bool = True, progress: bool = True,
-    title: str = "comparison", notes: Sequence[str] = (),
+    title: str = "comparison", notes: Sequence[str] = (), native: bool = False,
 ) -> CompareReport:
-    """Run ``cases`` x ``configs``, measure, and write grid, tables and raw outputs."""
+    """Run ``cases`` x ``configs``, measure, and write grid, tables and raw outputs.
+
+    Edits of a case image larger than the working size come back at its size (the
+    original's pixels outside each edit's mask) and are measured there, unless ``native``.
+    """
     if not cases:
         raise ValueError("nothing to compare: no cases")
     if not configs:
@@ -426,12 +430,13 @@ def run_compare(
     out = check_output_folder(out_dir)
     with OutputLock(out, "pivot-edit compare run"):
         return _run_locked(editor, cases, configs, out, convention=convention,
-                           use_cache=use_cache, progress=progress, title=title, notes=notes)
+                           use_cache=use_cache, progress=progress, title=title, notes=notes,
+                           native=native)
 
 
 def _run_locked(editor: Editor, cases: list[Case], configs: list[Config], out: Path, *,
                 convention: str, use_cache: bool, progress: bool, title: str,
-                notes: Sequence[str]) -> CompareReport:
+                notes: Sequence[str], native: bool) -> CompareReport:
     t_start = time.perf_counter()
     (out / "raw").mkdir(parents=True, exist_ok=True)
     cache = InversionCache(out / CACHE_DIR if use_cache else None)
@@ -459,7 +464,11 @@ def _run_locked(editor: Editor, cases: list[Case], configs: list[Config], out: P
                 if case.protect and "protect" not in cfg.edit and "protect" not in case.edit_options:
                     opts = opts.replace(protect=[case.protect])
                 t0 = time.perf_counter()
-                res = editor.edit(inv, case.target, opts, progress=False)
+                big = case.image.size[0] * case.image.size[1] > inv.image_size[0] * inv.image_size[1]
+                if big and not native:
+                    res = editor.edit(inv, case.target, opts, original=case.image, progress=False)
+                else:
+                    res = editor.edit(inv, case.target, opts, progress=False)
                 row.values["edit_s"] = time.perf_counter() - t0
                 edited = res if isinstance(res, Image.Image) else res.image
                 src = getattr(res, "source", None)

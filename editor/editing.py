@@ -209,11 +209,12 @@ def collect(model: Model, inv: Inversion, prep: PreparedEdit, latents: torch.Ten
             extra["notice"] = "the mask covers the whole image: no pixel of the source is kept"
         image = images[k]
         if prep.original is not None:
-            image, weight = full_resolution(prep.original, images[k], mask_image)
+            image, _ = full_resolution(prep.original, images[k], mask_image)
+            kept = mask_image is not None
             extra["full_resolution"] = {
-                "size": list(image.size), "kept_original_pixels": weight is not None,
-                "border_px": border_px(image.size, images[k].size) if weight is not None else 0}
-            if weight is None:
+                "size": list(image.size), "kept_original_pixels": kept,
+                "border_px": border_px(image.size, images[k].size) if kept else 0}
+            if not kept:
                 extra["notice"] = ("no blend mask (blending off): the whole edit was upscaled; "
                                    "no pixel of the original is kept")
         results.append(EditResult(

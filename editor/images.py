@@ -77,7 +77,8 @@ def load_image(image: Image.Image | str | Path, *, max_pixels: int = MAX_IMAGE_P
     else:
         raise ValueError(f"expected a PIL image or a path, got {type(image).__name__}")
     try:
-        img = ImageOps.exif_transpose(img)
+        if img.getexif().get(0x0112, 1) != 1:  # no copy for an upright image
+            img = ImageOps.exif_transpose(img)
     except Exception:  # noqa: BLE001 - a broken EXIF block must not stop the edit
         pass
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
@@ -93,7 +94,7 @@ def load_image(image: Image.Image | str | Path, *, max_pixels: int = MAX_IMAGE_P
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(white, rgba)
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def fit_size(width: int, height: int, *, multiple: int, max_pixels: int) -> tuple[int, int]:
@@ -121,7 +122,7 @@ def prepare_image(
 
 def image_hash(img: Image.Image) -> str:
     """sha256 of the RGB pixels and size (independent of file format and metadata)."""
-    rgb = img.convert("RGB")
+    rgb = img if img.mode == "RGB" else img.convert("RGB")
     h = hashlib.sha256(f"{rgb.size[0]}x{rgb.size[1]}".encode())
     h.update(rgb.tobytes())
     return h.hexdigest()

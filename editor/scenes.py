@@ -110,9 +110,12 @@ def _coverage(sdf: np.ndarray) -> np.ndarray:
     return np.clip(0.5 - sdf, 0.0, 1.0)
 
 
-def shape_sdf(shape: str, cx: float, cy: float, r: float, size: int) -> np.ndarray:
-    """Signed distance (pixels) of an ideal shape of 'radius' ``r`` at (cx, cy)."""
-    ys, xs = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+def shape_sdf(shape: str, cx: float, cy: float, r: float, size: int,
+              height: int | None = None) -> np.ndarray:
+    """Signed distance (pixels) of an ideal shape of 'radius' ``r`` at (cx, cy), on a
+    ``size`` x ``size`` grid (or ``size`` wide and ``height`` high)."""
+    h = size if height is None else height
+    ys, xs = np.mgrid[0:h, 0:size].astype(np.float32) + 0.5
     dx, dy = xs - cx, ys - cy
     if shape == "circle":
         return np.sqrt(dx * dx + dy * dy) - r
@@ -130,14 +133,16 @@ def shape_sdf(shape: str, cx: float, cy: float, r: float, size: int) -> np.ndarr
     raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
 
 
-def _background(scene: Scene) -> np.ndarray:
+def _background(scene: Scene, width: int | None = None, height: int | None = None) -> np.ndarray:
     rng = np.random.default_rng(scene.texture_seed)
-    s = scene.size
+    w = scene.size if width is None else width
+    h = scene.size if height is None else height
     base = float(BACKGROUNDS[scene.background])
-    ys, xs = np.mgrid[0:s, 0:s].astype(np.float32) / s
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+    xs, ys = xs / w, ys / h
     angle = rng.uniform(0, 2 * np.pi)
     grad = (np.cos(angle) * (xs - 0.5) + np.sin(angle) * (ys - 0.5)) * rng.uniform(8, 18)
-    tex = np.zeros((s, s), np.float32)
+    tex = np.zeros((h, w), np.float32)
     for _ in range(3):
         fx, fy = rng.uniform(1, 4, size=2)
         ph = rng.uniform(0, 2 * np.pi)
@@ -409,3 +414,27 @@ def check_image(image: Image.Image, scene: Scene) -> Check:
     want_c = [o.color for o in scene.objects]
     want_s = [o.shape for o in scene.objects]
     return Check(colors, shapes, colors == want_c, shapes == want_s)
+
+
+def render_at(scene: Scene, width: int, height: int) -> tuple[Image.Image, list[np.ndarray]]:
+    """Draw ``scene`` on a ``width`` x ``height`` canvas: its square layout stretched to the
+    canvas (x by ``width / size``, y by ``height / size``), radii scaled by the shorter side
+    (shapes stay circles, squares and triangles; the first-named of two objects stays in
+    the left half). ``render_at(s, s.size, s.size)`` is :func:`render`."""
+    if width < 8 or height < 8:
+        raise ValueError(f"canvas {width} x {height} is too small")
+    sx, sy, sr = width / scene.size, height / scene.size, min(width, height) / scene.size
+    img = _background(scene, width, height)
+    masks = []
+    for obj in scene.objects:
+        if obj.color not in COLORS:
+            raise ValueError(f"unknown color {obj.color!r}; expected one of {tuple(COLORS)}")
+        cx, cy = obj.center
+        cov = _coverage(shape_sdf(obj.shape, cx * sx, cy * sy, obj.radius * sr, width, height))
+        rgb = np.clip(np.array(COLORS[obj.color], np.float32) + np.array(obj.tint), 0, 255)
+        img = img * (1 - cov[..., None]) + rgb * cov[..., None]
+        masks.append(cov)
+    for i in range(len(masks) - 1):
+        for later in masks[i + 1 :]:
+            masks[i] = masks[i] * (1 - later)
+    return Image.fromarray(np.round(img).astype(np.uint8), "RGB"), masks

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 from PIL import Image
 
+from editor import cli
 from editor import model as model_mod
 from editor.cli import build_parser, main
 
@@ -91,3 +93,24 @@ def test_python_dash_m_editor_runs(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "generate" in res.stdout
+
+
+def test_threads_default_to_the_free_cores_and_can_be_set(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.0, 1.0, 1.0))
+    assert cli.free_cores() == 1  # two cores, one busy: one thread, not two fighting
+    monkeypatch.setattr(os, "getloadavg", lambda: (5.0, 5.0, 5.0))
+    assert cli.free_cores() == 1  # never fewer than one
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert cli.free_cores() == 2
+    before = torch.get_num_threads()
+    try:
+        assert cli.configure_threads(3) == 3 and torch.get_num_threads() == 3
+        with pytest.raises(ValueError, match="--threads must be an integer >= 1"):
+            cli.configure_threads(0)
+        args = build_parser().parse_args(["generate", "p", "-o", "o.png", "--threads", "2"])
+        assert args.threads == 2
+    finally:
+        torch.set_num_threads(before)

@@ -25,7 +25,7 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
 import gradio as gr  # noqa: E402
 
-from editor import EditOptions, cli  # noqa: E402
+from editor import EditOptions, cli, scenes  # noqa: E402
 from editor.images import psnr  # noqa: E402
 from editor.inversion import Inversion  # noqa: E402
 from ui import app  # noqa: E402
@@ -465,37 +465,240 @@ def _playwright():
     return sync_playwright
 
 
+def _browser(p, width: int = 1280):
+    browser = p.chromium.launch(
+        executable_path=CHROMIUM, headless=True,
+        args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+              "--disable-component-update", "--disable-sync"])
+    page = browser.new_page(viewport={"width": width, "height": 1500}, accept_downloads=True)
+    page.set_default_timeout(120_000)
+    return browser, page
+
+
+def _keep_screenshot(shot: Path, name: str) -> None:
+    """Screenshots go to ``$PIVOT_EDIT_SCREENSHOTS`` when it is set (docs/images when the
+    docs' pictures are remade), else they stay in the test's temporary folder."""
+    folder = os.environ.get("PIVOT_EDIT_SCREENSHOTS")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shot, Path(folder) / name)
+    print(f"screenshot: {shot}", file=sys.stderr)
+
+
+def _invert_in_page(page, url, path, caption):
+    page.goto(url)
+    page.locator("#image input[type=file]").set_input_files(str(path))
+    page.locator("#caption textarea").fill(caption)
+    page.locator("#invert").click()
+    page.get_by_text("Reconstruction PSNR").wait_for()
+
+
 @pytest.mark.browser
 def test_browser_upload_invert_edit_and_screenshot(served, examples, tmp_path):
     sync_playwright = _playwright()
     path, caption = examples[0]
     target = "a blue circle on a white background"
     with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=CHROMIUM, headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync"])
+        browser, page = _browser(p)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1500})
-            page.set_default_timeout(120_000)
-            page.goto(served)
-            page.locator("#image input[type=file]").set_input_files(path)
-            page.locator("#caption textarea").fill(caption)
-            page.locator("#invert").click()
+            _invert_in_page(page, served, path, caption)
             page.locator("#reconstruction img").wait_for()
-            page.get_by_text("Reconstruction PSNR").wait_for()
+            # the target starts as the caption: an edit is "change a word"
+            assert page.locator("#target textarea").input_value() == caption
             page.locator("#target textarea").fill(target)
             page.locator("#edit").click()
             page.locator("#slider img").first.wait_for()
             page.get_by_text("Edited to").wait_for()
             assert page.locator("#edits img").count() >= 1
             assert page.locator("#attention img").count() >= 3
+            # a refused input keeps the last good results on the page
+            page.locator("#advanced").get_by_text("Advanced").click()
+            page.get_by_label("Reweight (word=factor, comma-separated)").fill("blue=x")
+            page.locator("#edit").click()
+            page.get_by_text("Not done").wait_for()
+            assert "word=number" in page.locator("#status").inner_text()
+            assert page.locator("#slider img").count() == 2
+            assert page.locator("#slider").get_by_text("Error").count() == 0
+            assert page.locator("#invert").is_enabled() and page.locator("#edit").is_enabled()
             shot = tmp_path / "ui.png"
             page.screenshot(path=str(shot), full_page=True)
         finally:
             browser.close()
     assert Image.open(shot).size[0] >= 1000
-    docs = REPO / "docs" / "images"
-    docs.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(shot, docs / "ui.png")
-    print(f"screenshot: {shot}", file=sys.stderr)
+    _keep_screenshot(shot, "ui.png")
+
+
+def _framed_photo(size=(451, 300)) -> Image.Image:
+    """A non-square picture with a coloured frame on each side (to see what is cropped)."""
+    w, h = size
+    img = Image.new("RGB", size, (128, 128, 128))
+    for box, rgb in (((0, 0, 12, h), (255, 0, 0)), ((w - 12, 0, w, h), (0, 0, 255)),
+                     ((0, 0, w, 12), (0, 255, 0)), ((0, h - 12, w, h), (255, 255, 0))):
+        img.paste(rgb, box)
+    return img
+
+
+@pytest.mark.browser
+def test_browser_slider_shows_whole_non_square_images_and_a_narrow_page_fits(served, tmp_path):
+    sync_playwright = _playwright()
+    photo = tmp_path / "wide.png"
+    _framed_photo().save(photo)
+    caption = "a red square on a gray background"
+    with sync_playwright() as p:
+        browser, page = _browser(p)
+        try:
+            _invert_in_page(page, served, photo, caption)
+            page.locator("#target textarea").fill("a blue square on a gray background")
+            page.locator("#edit").click()
+            page.get_by_text("Edited to").wait_for()
+            page.locator("#slider img").first.wait_for()
+            time.sleep(0.5)
+            shot = tmp_path / "slider.png"
+            page.locator("#slider").screenshot(path=str(shot))
+            arr = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+            seen = {name: bool((np.abs(arr - rgb).sum(-1) < 60).sum() > 50)
+                    for name, rgb in (("left", (255, 0, 0)), ("right", (0, 0, 255)),
+                                      ("top", (0, 255, 0)), ("bottom", (255, 255, 0)))}
+            assert all(seen.values()), seen  # every side of the picture is on screen
+        finally:
+            browser.close()
+        browser, page = _browser(p, width=400)
+        try:
+            page.goto(served)
+            page.locator("#target textarea").wait_for()
+            box = page.locator("#target textarea").bounding_box()
+            assert box["width"] >= 300, box  # the target box takes the page's width
+            shot = tmp_path / "narrow.png"
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+    _keep_screenshot(shot, "ui_narrow.png")
+
+
+@pytest.mark.browser
+def test_browser_busy_buttons_and_cancel(served, examples, tmp_path):
+    sync_playwright = _playwright()
+    path, caption = examples[1]
+    with sync_playwright() as p:
+        browser, page = _browser(p)
+        try:
+            page.goto(served)
+            page.locator("#image input[type=file]").set_input_files(str(path))
+            page.locator("#caption textarea").fill(caption)
+            page.get_by_label("Steps").first.fill("100")
+            page.locator("#method input").fill("null-text")
+            page.locator("#method input").press("Enter")
+            page.locator("#invert").click()
+            page.wait_for_function("document.querySelector('#invert').disabled === true")
+            assert page.locator("#edit").is_disabled()  # no second job while one runs
+            page.locator("#cancel-invert").click()
+            page.locator("#status").get_by_text("Not done: Cancelled.").wait_for()
+            page.wait_for_function("document.querySelector('#invert').disabled === false")
+            assert page.locator("#cancel-invert").is_disabled()
+        finally:
+            browser.close()
+
+
+@pytest.mark.browser
+def test_browser_brush_a_mask_edit_and_download_at_full_size(served, tmp_path):
+    """Upload a two-object scene larger than the model's size, paint over the left object,
+    invert, change its colour, download: the file has the upload's size, the painted
+    object changed, the other one did not."""
+    sync_playwright = _playwright()
+    sc = scenes.sample(70_003, n_objects=2).scene
+    photo, masks = scenes.render_at(sc, 300, 200)
+    path = tmp_path / "two.png"
+    photo.save(path)
+    left, right = sc.objects
+    new = next(c for c in ("green", "yellow", "red", "blue") if c not in (left.color, right.color))
+    target = sc.caption().replace(f"{left.color} {left.shape}", f"{new} {left.shape}", 1)
+    with sync_playwright() as p:
+        browser, page = _browser(p)
+        try:
+            _invert_in_page(page, served, path, sc.caption())
+            page.locator("#mask-panel").get_by_text("Where the edit may act").click()
+            canvas = page.locator("#mask-editor canvas").first
+            canvas.wait_for()
+            time.sleep(1.0)
+            page.locator("#mask-editor").get_by_label("Brush").first.click()
+            # where the editor shows the picture: its dark pixels in a screenshot
+            ed_shot = tmp_path / "editor.png"
+            page.locator("#mask-editor").screenshot(path=str(ed_shot))
+            dark = np.asarray(Image.open(ed_shot).convert("L")) < 60  # the scene is dark
+            xs = np.nonzero(dark.mean(0) > 0.3)[0]  # columns and rows mostly picture
+            ys = np.nonzero(dark.mean(1) > 0.3)[0]  # (not the toolbar's dark icons)
+            box = page.locator("#mask-editor").bounding_box()
+            x0, y0 = box["x"] + xs.min(), box["y"] + ys.min()
+            k = (xs.max() - xs.min() + 1) / 300  # screen pixels per image pixel
+            assert abs((ys.max() - ys.min() + 1) / 200 - k) < 0.05 * k
+            ox, oy = left.center[0] * 300 / 64, left.center[1] * 200 / 64
+            r = left.radius * 200 / 64 + 6
+            for dy in range(-int(r), int(r) + 1, 3):  # paint rows across the left object
+                page.mouse.move(x0 + (ox - r) * k, y0 + (oy + dy) * k)
+                page.mouse.down()
+                page.mouse.move(x0 + (ox + r) * k, y0 + (oy + dy) * k, steps=8)
+                page.mouse.up()
+            page.locator("#target textarea").fill(target)
+            page.locator("#edit").click()
+            page.get_by_text("Edited to").wait_for()
+            with page.expect_download() as dl:
+                page.locator("#edit-download").click()
+            got = tmp_path / "downloaded.png"
+            dl.value.save_as(str(got))
+            shot = tmp_path / "mask.png"
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+    out = Image.open(got).convert("RGB")
+    assert out.size == photo.size == (300, 200)
+    assert scenes.classify_color(out, masks[0] > 0.5) == new
+    assert scenes.classify_color(out, masks[1] > 0.5) == right.color
+    far_right = np.zeros((200, 300), bool)
+    far_right[:, 200:] = True  # nowhere near the painted strokes
+    assert np.array_equal(np.asarray(out)[far_right], np.asarray(photo)[far_right])
+    _keep_screenshot(shot, "ui_mask.png")
+
+
+def test_a_closed_tab_stops_its_job_and_cancel_stops_the_next_step(ctx, examples):
+    """Cancel (and a session whose tab went away) set the session's flag: the running job
+    stops at its next step with "Cancelled."."""
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    path, caption = examples[1]
+    request = SimpleNamespace(session_hash="tab-1")
+    started = []
+
+    def progress(*args, **kwargs):
+        started.append(args)
+
+    def job():
+        return app.invert_image.__wrapped__(ctx, path, caption, "null-text", 60, 7.5, None,
+                                            request=request, progress=progress)
+
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(job)
+        while not started:
+            time.sleep(0.01)
+        app.session_closed(ctx, request)  # the tab closed
+        with pytest.raises(Exception, match="cancelled after"):
+            fut.result(timeout=120)
+    assert "tab-1" not in ctx.cancels
+    assert app.cancel_job(ctx, request) == "Cancelling..." and ctx.cancels["tab-1"].is_set()
+
+
+def test_the_model_banner_says_when_auto_fell_back(editor, monkeypatch):
+    monkeypatch.setattr(editor.model, "notice", "notice: the hub is unreachable; using the "
+                        "bundled 'shapes' model")
+    text = app.model_markdown(editor)
+    assert "the hub is unreachable" in text and "--model" in text and "single-file" in text
+
+
+def test_expected_input_errors_log_one_line_without_a_traceback(ctx, inverted, caplog, capsys):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="pivot-edit.ui"), pytest.raises(gr.Error):
+        _edit(ctx, "a blue circle on a white background", inverted[4], reweight="blue=x")
+    lines = [r for r in caplog.records if r.name == "pivot-edit.ui"]
+    assert len(lines) == 1 and "word=number" in lines[0].getMessage()
+    assert lines[0].exc_info is None and "Traceback" not in capsys.readouterr().err

@@ -483,8 +483,7 @@ def invert_image(
                   + " (kept: same image, caption and settings)")
         return (display(session.reconstruction), status, str(path), _gallery(session), session,
                 prompt, editor_value)
-    flag = ctx.cancel_flag(request)
-    flag.clear()
+    flag = ctx.cancel_flag(request)  # cleared when the page's job starts and ends
     inv_total = 2 * steps if method == "null-text" else steps
     stages = ([(steps, "DDIM inversion"), (2 * steps, "null-text optimisation")]
               if method == "null-text" else [(steps, f"{method} inversion")])
@@ -547,8 +546,7 @@ def edit_image(
     options = edit_options(cross_replace, self_replace, local_blend, blend_words, reweight,
                            protect, leakage, mask_threshold).replace(mask_mode=mask_mode)
     user_mask = mask_from_editor(mask) if not isinstance(mask, np.ndarray) else mask
-    flag = ctx.cancel_flag(request)
-    flag.clear()
+    flag = ctx.cancel_flag(request)  # cleared when the page's job starts and ends
     cb = _progress_callback(progress, flag, 0, inv.steps, [(inv.steps, "editing")])
     result = editor.edit(inv, target, options, mask=user_mask, original=session.original,
                          callback=cb, progress=False)
@@ -632,8 +630,7 @@ def load_inversion(
         raise gr.Error("No inversion file: choose a .safetensors file saved by this app.")
     inv = Inversion.load(file)
     inv.check_model(ctx.editor)
-    flag = ctx.cancel_flag(request)
-    flag.clear()
+    flag = ctx.cancel_flag(request)  # cleared when the page's job starts and ends
     cb = _progress_callback(progress, flag, 0, inv.steps, [(inv.steps, "reconstruction")])
     recon = ctx.editor.reconstruct(inv, callback=cb, progress=False)
     key = (inv.image_hash, inv.prompt, inv.method, int(inv.steps), float(inv.guidance),
@@ -692,8 +689,11 @@ def on_page(fn, n_outputs: int, status_index: int):
     return page
 
 
-def _buttons(busy: bool):
-    """Invert and Edit disabled while a job runs; Cancel enabled only then."""
+def _buttons(ctx: AppContext, busy: bool, request: gr.Request = None):
+    """Invert and Edit disabled while a job runs; Cancel enabled only then. The session's
+    cancel flag is cleared before the job is queued and after it ended, so a Cancel pressed
+    while the job waits in the queue still stops it."""
+    ctx.cancel_flag(request).clear()
     return (gr.Button(interactive=not busy), gr.Button(interactive=not busy),
             gr.Button(interactive=busy), gr.Button(interactive=busy))
 
@@ -825,12 +825,12 @@ def build_demo(
         model = dict(concurrency_id=MODEL_QUEUE)
 
         def chain(trigger, fn, inputs, outputs, status_index):
-            (trigger(partial(_buttons, True), None, buttons, queue=False, show_progress="hidden",
-                     api_visibility="private")
+            (trigger(partial(_buttons, ctx, True), None, buttons, queue=False,
+                     show_progress="hidden", api_visibility="private")
              .then(on_page(partial(fn, ctx), len(outputs), status_index), inputs, outputs,
                    api_visibility="private", **model)
-             .then(partial(_buttons, False), None, buttons, queue=False, show_progress="hidden",
-                   api_visibility="private"))
+             .then(partial(_buttons, ctx, False), None, buttons, queue=False,
+                   show_progress="hidden", api_visibility="private"))
 
         chain(invert_btn.click, invert_image, inv_inputs, inv_outputs, 1)
         chain(edit_btn.click, edit_image, edit_inputs, edit_outputs, 4)
