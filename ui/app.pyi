@@ -172,7 +172,9 @@ class PhotoInput(gr.Image):
             raise gr.Error(f"The upload is not an image this app can read ({type(exc).__name__}); "
                            "upload a PNG, JPEG or WebP file of at most "
                            f"{MAX_IMAGE_PIXELS / 1e6:g} MP.", print_exception=False) from None
-    from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
+    from collections.abc import Callable, Sequence
+    from typing import TYPE_CHECKING, Any, Literal
+
     from gradio.blocks import Block
     if TYPE_CHECKING:
         from gradio.components import Timer
