@@ -519,8 +519,6 @@ def bench_fullres(*, size: tuple[int, int] = (4000, 3000), budget: int = 512 * 5
     resident set sampled every 5 ms during each step, minus the resident set before it: the
     edit at the working size, the same edit returned at full size, and the full-size
     compositing alone (:func:`editor.compose.full_resolution`)."""
-    import threading
-
     from .options import EditOptions
 
     editor = sd15_random_editor("cpu", smoke=True, seed=seed)
@@ -531,39 +529,16 @@ def bench_fullres(*, size: tuple[int, int] = (4000, 3000), budget: int = 512 * 5
                                       check_reconstruction=False), progress=False)
     color = sc.objects[0].color
     target = sc.caption().replace(color, "blue" if color != "blue" else "red")
-    import gc
-
-    def peak_of(fn):
-        gc.collect()
-        before = _rss_mb()
-        peak = [before]
-        stop = threading.Event()
-
-        def sample() -> None:
-            while not stop.is_set():
-                peak[0] = max(peak[0], _rss_mb())
-                stop.wait(0.005)
-
-        watcher = threading.Thread(target=sample, daemon=True)
-        watcher.start()
-        t0 = time.perf_counter()
-        try:
-            value = fn()
-        finally:
-            stop.set()
-            watcher.join()
-        return value, time.perf_counter() - t0, before, peak[0] - before
-
     from .compose import full_resolution
 
-    native, native_s, _, native_growth = peak_of(
+    native, native_s, _, native_growth = _peak_of(
         lambda: editor.edit(inv, target, EditOptions(), progress=False))
-    res, seconds, before, growth = peak_of(
+    res, seconds, before, growth = _peak_of(
         lambda: editor.edit(inv, target, EditOptions(), original=image, progress=False))
-    _, compose_s, _, compose_growth = peak_of(
+    _, compose_s, _, compose_growth = _peak_of(
         lambda: full_resolution(image, native.image, native.mask_image))
     everything = np.ones(native.image.size[::-1], np.float32)
-    _, _, _, worst_growth = peak_of(lambda: full_resolution(image, native.image, everything))
+    _, _, _, worst_growth = _peak_of(lambda: full_resolution(image, native.image, everything))
     w, h = size
     plane = w * h * 4 / 2**20  # one full-size float32 plane, MB
     return {
@@ -584,3 +559,146 @@ def bench_fullres(*, size: tuple[int, int] = (4000, 3000), budget: int = 512 * 5
         "mask_fraction": round(float((native.mask_image > 0.5).mean()), 4)
         if native.mask_image is not None else None,
     }
+
+
+# -- what a user needs (``pivot-edit bench requirements``) ---------------------------------------
+
+#: SDXL base 1.0's UNet (2.57 B parameters), as in its ``unet/config.json``.
+SDXL_UNET: dict[str, Any] = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
+    addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+)
+#: SDXL's second text encoder (OpenCLIP ViT-bigG/14, with projection).
+SDXL_TEXT_2: dict[str, Any] = dict(
+    vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+    num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu",
+    bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, projection_dim=1280,
+)
+ARCHS = ("sd15", "sdxl")
+
+
+def _param_counts(arch: str) -> dict[str, int]:
+    """Parameters per component, counted on the meta device (nothing allocated)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    with torch.device("meta"):
+        parts: dict[str, torch.nn.Module] = {
+            "unet": UNet2DConditionModel(**(SD15_UNET if arch == "sd15" else SDXL_UNET)),
+            "vae": AutoencoderKL(**SD15_VAE),
+            "text_encoder": CLIPTextModel(CLIPTextConfig(**SD15_TEXT)),
+        }
+        if arch == "sdxl":
+            parts["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_2))
+    return {k: sum(p.numel() for p in m.parameters()) for k, m in parts.items()}
+
+
+def _peak_of(fn: Any, device: torch.device | None = None) -> tuple[Any, float, float, float]:
+    """``fn()``'s (value, seconds, memory before in MB, peak growth in MB): CUDA's allocator
+    on a GPU, the resident set sampled every 5 ms on a CPU."""
+    import gc
+    import threading
+
+    gc.collect()
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        t0 = time.perf_counter()
+        value = fn()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        return value, time.perf_counter() - t0, before / 2**20, (peak - before) / 2**20
+    before = _rss_mb()
+    top = [before]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            top[0] = max(top[0], _rss_mb())
+            stop.wait(0.005)
+
+    watcher = threading.Thread(target=sample, daemon=True)
+    watcher.start()
+    t0 = time.perf_counter()
+    try:
+        value = fn()
+    finally:
+        stop.set()
+        watcher.join()
+    return value, time.perf_counter() - t0, before, top[0] - before
+
+
+def bench_requirements(arch: str = "sd15", *, device: str | torch.device = "cpu",
+                       dtype: torch.dtype = torch.float32, steps: int = 2,
+                       measure: bool = True) -> dict[str, Any]:
+    """What a user needs for ``arch`` ("sd15" or "sdxl"): parameters and weight bytes per
+    component, counted from the published configs (a checkpoint's download is its weights
+    plus a few MB of configs and tokenizer), and, with ``measure`` (SD 1.5 shape only), the
+    engine's own peak memory and seconds on a random-weight pipeline of the real shape at
+    512x512: a DDIM inversion, a null-text inversion (one Adam step per timestep: forward and
+    backward through the UNet, its most memory-hungry call) and a Prompt-to-Prompt edit
+    (4 UNet rows with attention stored), each ``steps`` DDIM steps, VAE included. Memory is
+    the allocator's peak above the loaded pipeline on CUDA, the resident set's on a CPU;
+    seconds per step are the run's seconds over ``steps`` (VAE included, so an upper bound)."""
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {arch!r}")
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= 50:
+        raise ValueError(f"steps must be an integer 1..50, got {steps!r}")
+    counts = _param_counts(arch)
+    total = sum(counts.values())
+    out: dict[str, Any] = {
+        "machine": machine(), "arch": arch,
+        "parameters_M": {k: round(v / 1e6, 1) for k, v in counts.items()},
+        "weights_gb": {"float16": round(2 * total / 1e9, 2), "float32": round(4 * total / 1e9, 2)},
+    }
+    if not measure:
+        return out
+    if arch != "sd15":
+        raise ValueError("measured requirements exist for --arch sd15 only (use --no-measure)")
+    from .options import EditOptions
+
+    dev = torch.device(device)
+    rss0 = _rss_mb()
+    editor = sd15_random_editor(dev, seed=0)
+    if dtype != torch.float32:
+        editor.pipe.to(dtype=dtype)
+    loaded_mb = _rss_mb() - rss0
+    sc = scenes.sample(9_400_000, n_objects=1).scene
+    image, _ = scenes.render_at(sc, 512, 512)
+    prompt = sc.caption()
+    color = sc.objects[0].color
+    target = prompt.replace(color, "blue" if color != "blue" else "red")
+    runs: dict[str, Any] = {}
+    inv_box: list[Any] = []
+
+    def invert(method: str) -> None:
+        opts = InvertOptions(method=method, steps=steps, num_inner_steps=1,
+                             early_stop_epsilon=None, check_reconstruction=False)
+        inv_box[:] = [editor.invert(image, prompt, opts, progress=False)]
+
+    for name, fn in (("ddim_inversion", lambda: invert("ddim")),
+                     ("null_text_inversion", lambda: invert("null-text")),
+                     ("p2p_edit", lambda: editor.edit(inv_box[0], target, EditOptions(),
+                                                      progress=False))):
+        _, sec, _, peak = _peak_of(fn, dev)
+        runs[name] = {"seconds": round(sec, 2), "seconds_per_step": round(sec / steps, 2),
+                      "peak_growth_mb": round(peak, 1)}
+    out["measured"] = {
+        "device": str(dev), "dtype": str(dtype).replace("torch.", ""), "image_size": 512,
+        "steps": steps, "null_text_inner_steps": 1,
+        "pipeline_weights_mb": round(sum(p.numel() * p.element_size() for m in
+                                         (editor.pipe.unet, editor.pipe.vae, editor.pipe.text_encoder)
+                                         for p in m.parameters()) / 2**20, 1),
+        "load_rss_growth_mb": round(loaded_mb, 1) if dev.type == "cpu" else None,
+        **runs,
+        "note": "peak growth is above the loaded pipeline; a GPU adds its context (~0.5 GB). "
+                "A full null-text inversion is steps x num_inner_steps (default 50 x 10) of "
+                "the one-step cost's UNet part",
+    }
+    return out

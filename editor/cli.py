@@ -525,6 +525,21 @@ def cmd_bench_fullres(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_requirements(args: argparse.Namespace) -> int:
+    """Parameters, weight bytes and the peak memory of one edit / null-text step; print JSON."""
+    import torch
+
+    from .bench import bench_requirements
+
+    quiet_libraries()
+    configure_threads(args.threads)
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    print(json.dumps(bench_requirements(args.arch, device=device, dtype=dtype, steps=args.steps,
+                                        measure=not args.no_measure), indent=1))
+    return 0
+
+
 def cmd_bench_gpu(args: argparse.Namespace) -> int:
     """Null-text inversion and P2P edit speed at SD 1.5 size (random weights); print JSON."""
     from .bench import DEFAULT_GPU_VARIANTS, bench_gpu
@@ -618,6 +633,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="working pixel budget (default 512*512, SD 1.5's)")
     p.add_argument("--steps", type=int, default=4, help="DDIM steps (default 4)")
     p.set_defaults(func=cmd_bench_fullres)
+
+    p = bench_sub.add_parser(
+        "requirements", help="parameters, download size and peak memory of SD 1.5 / SDXL",
+        description="Count the parameters of SD 1.5's or SDXL's components from their "
+                    "published configs (weights in GB at float16 and float32), then run a DDIM "
+                    "inversion, a null-text inversion and a P2P edit on a random-weight SD 1.5 "
+                    "pipeline at 512x512 (--steps each) with their peak memory, as JSON.")
+    p.add_argument("--arch", choices=["sd15", "sdxl"], default="sd15")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: CUDA if available)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    p.add_argument("--steps", type=int, default=2, help="DDIM steps of each measured run (default 2)")
+    p.add_argument("--no-measure", action="store_true", help="only count parameters")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for torch (default: the cores not already busy)")
+    p.set_defaults(func=cmd_bench_requirements)
 
     p = bench_sub.add_parser(
         "gpu", help="null-text inversion and P2P edit speed at SD 1.5 size (random weights)",

@@ -98,14 +98,33 @@ def load_image(image: Image.Image | str | Path, *, max_pixels: int = MAX_IMAGE_P
 
 
 def fit_size(width: int, height: int, *, multiple: int, max_pixels: int) -> tuple[int, int]:
-    """Largest size with the same aspect ratio, both sides multiples of ``multiple``,
-    and at most ``max_pixels`` pixels (never below one ``multiple``)."""
+    """The working size of a ``width x height`` image: both sides multiples of ``multiple``,
+    at most ``max_pixels`` pixels (never below one ``multiple``), and the aspect ratio as
+    close to the image's as those allow.
+
+    Flooring both sides of the exact fit (the first candidate) can squash an image by up to
+    one ``multiple`` per side (4000x3000 at 512x512 and multiple 64: 576x384, 3:2 for 4:3);
+    so every width is tried with the tallest height that fits, and the candidate with the
+    least aspect error wins among those with at least the floored size's pixels (ties: more
+    pixels). The result is never smaller than the floored fit and never more distorted."""
     if width < 1 or height < 1:
         raise ValueError("image has no pixels")
     scale = math.sqrt(max_pixels / (width * height))
-    w = max(multiple, int(width * scale) // multiple * multiple)
-    h = max(multiple, int(height * scale) // multiple * multiple)
-    return w, h
+    w0 = max(multiple, int(width * scale) // multiple * multiple)
+    h0 = max(multiple, int(height * scale) // multiple * multiple)
+    target = math.log(width / height)
+
+    def error(w: int, h: int) -> float:
+        return abs(math.log(w / h) - target)
+
+    best, floor_px = (w0, h0), w0 * h0
+    for w in range(multiple, max(w0, max_pixels // multiple) + 1, multiple):
+        h = max(multiple, max_pixels // w // multiple * multiple)
+        if w * h > max_pixels or w * h < floor_px:
+            continue
+        if (error(w, h), -w * h) < (error(*best), -best[0] * best[1]):
+            best = (w, h)
+    return best
 
 
 def prepare_image(

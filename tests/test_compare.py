@@ -276,4 +276,5 @@ def test_pie_bench_cli_real_engine(tmp_path, capsys):
     md = (out / "summary.md").read_text()
     assert "convention 'zero'" in md and "structure distance" in md
     assert '"cross_replace": 0.4' in md  # PIE-Bench's published P2P settings
-    assert Image.open(out / "raw/ddim/000000000000.png").size == (64, 64)
+    # edits come back at the photo's own size (the fixture's 512x512), metrics read them there
+    assert edited.size == case.image.size == (512, 512)

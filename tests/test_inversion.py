@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -206,6 +208,27 @@ def test_any_size_and_aspect_is_resized_to_model_multiples(editor):
     f = editor.model.vae_scale_factor
     assert inv.z_T.shape[-2:] == (h // f, w // f)
     assert editor.reconstruct(inv, progress=False).size == (w, h)
+
+
+@pytest.mark.parametrize("size,multiple,budget,want", [
+    ((4000, 3000), 64, 512 * 512, (576, 448)),   # floored both sides: 576x384, 3:2 for 4:3
+    ((3000, 4000), 64, 512 * 512, (448, 576)),
+    ((512, 512), 64, 512 * 512, (512, 512)),
+    ((192, 128), 16, 64 * 64, (80, 48)),         # floored: 64x48
+    ((8000, 1000), 64, 512 * 512, (1344, 192)),  # floored: 1408x128, 11:1 for 8:1
+])
+def test_working_size_keeps_the_aspect_ratio_as_multiples_allow(size, multiple, budget, want):
+    from editor.images import fit_size
+
+    got = fit_size(*size, multiple=multiple, max_pixels=budget)
+    assert got == want
+    w, h = got
+    assert w % multiple == 0 and h % multiple == 0 and w * h <= budget
+    # never smaller nor more distorted than flooring both sides of the exact fit
+    s = math.sqrt(budget / (size[0] * size[1]))
+    fw, fh = (max(multiple, int(v * s) // multiple * multiple) for v in size)
+    err = lambda a, b: abs(math.log(a / b) - math.log(size[0] / size[1]))  # noqa: E731
+    assert w * h >= fw * fh and err(w, h) <= err(fw, fh)
 
 
 def test_sync_every_changes_speed_not_result(editor):

@@ -702,3 +702,13 @@ def test_expected_input_errors_log_one_line_without_a_traceback(ctx, inverted, c
     lines = [r for r in caplog.records if r.name == "pivot-edit.ui"]
     assert len(lines) == 1 and "word=number" in lines[0].getMessage()
     assert lines[0].exc_info is None and "Traceback" not in capsys.readouterr().err
+
+
+def test_the_app_subclasses_no_gradio_component():
+    """Gradio writes a ``.pyi`` next to the module of every Component subclass: an installed
+    app must not write into its own package (nor fail to import where that is read-only)."""
+    own = [name for name, obj in vars(app).items()
+           if isinstance(obj, type) and issubclass(obj, gr.components.Component)
+           and obj.__module__ == app.__name__]
+    assert own == []
+    assert not Path(app.__file__).with_suffix(".pyi").exists()

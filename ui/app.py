@@ -187,17 +187,19 @@ def plain(text: object) -> str:
     return _MD_SPECIAL.sub(r"\\\1", printable(text)).replace("\n", " ")
 
 
-class PhotoInput(gr.Image):
-    """``gr.Image`` whose own decoding of an upload fails with a message a person understands
-    (Gradio's preprocessing opens the file before any handler runs)."""
+def photo_input(**kwargs) -> gr.Image:
+    """A ``gr.Image`` whose own decoding of an upload fails with a message a person
+    understands (Gradio's preprocessing opens the file before any handler runs).
 
-    @classmethod
-    def get_block_name(cls) -> str:
-        return "image"
+    The instance's ``preprocess`` is wrapped rather than subclassing ``gr.Image``: Gradio
+    writes a ``.pyi`` stub next to the module of every component subclass, which would
+    write into an installed package (and fail where it is read-only)."""
+    component = gr.Image(**kwargs)
+    decode = component.preprocess
 
-    def preprocess(self, payload):
+    def preprocess(payload):
         try:
-            return super().preprocess(payload)
+            return decode(payload)
         except gr.Error:
             raise
         except Exception as exc:  # noqa: BLE001 - a non-image or a decompression bomb
@@ -205,6 +207,9 @@ class PhotoInput(gr.Image):
             raise gr.Error(f"The upload is not an image this app can read ({type(exc).__name__}); "
                            "upload a PNG, JPEG or WebP file of at most "
                            f"{MAX_IMAGE_PIXELS / 1e6:g} MP.", print_exception=False) from None
+
+    component.preprocess = preprocess
+    return component
 
 
 def display(img: Image.Image, min_side: int = DISPLAY_MIN_SIDE) -> Image.Image:
@@ -724,7 +729,7 @@ def build_demo(
         gr.Markdown(model_markdown(editor), elem_id="model-info")
         with gr.Row():
             with gr.Column(min_width=300):
-                image = PhotoInput(label="1. Image", type="filepath", image_mode=None,
+                image = photo_input(label="1. Image", type="filepath", image_mode=None,
                                    sources=["upload", "clipboard"], height=300, elem_id="image")
                 caption = gr.Textbox(label="Caption (describe the image)", elem_id="caption",
                                      placeholder="a red circle on a white background")
