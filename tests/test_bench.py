@@ -47,3 +47,26 @@ def test_bf16_unet_reconstruction_within_0_3_db(editor):
     res = bench_precision(editor, steps=20, seeds=BENCH_SEEDS[:2])
     for name in ("fast-bf16", "bf16"):
         assert res["runs"][name]["delta_db"] >= -0.3, res["runs"]
+
+
+@pytest.mark.parametrize("arch,unet_m,text_m,fp16_gb", [
+    ("sd15", 859.5, {"text_encoder": 123.1}, 2.13),
+    ("sdxl", 2567.5, {"text_encoder": 123.1, "text_encoder_2": 694.7}, 6.94),
+])
+def test_bench_requirements_counts_the_published_architectures(capsys, arch, unet_m, text_m, fp16_gb):
+    """The configs the requirements table is counted from are the published ones: SD 1.5's
+    UNet has 859.5 M parameters, SDXL's 2567.5 M (their model cards' figures)."""
+    assert main(["bench", "requirements", "--arch", arch, "--no-measure"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    p = res["parameters_M"]
+    assert p["unet"] == unet_m and p["vae"] == 83.7
+    assert {k: v for k, v in p.items() if k.startswith("text")} == text_m
+    assert res["weights_gb"]["float16"] == fp16_gb
+    assert res["weights_gb"]["float32"] == pytest.approx(2 * fp16_gb, abs=0.01)
+
+
+def test_bench_requirements_refuses_bad_input(capsys):
+    assert main(["bench", "requirements", "--arch", "sdxl"]) == 2  # measured: SD 1.5 only
+    assert "--arch sd15 only" in capsys.readouterr().err
+    assert main(["bench", "requirements", "--steps", "0", "--device", "cpu"]) == 2
+    assert "steps must be an integer 1..50" in capsys.readouterr().err
