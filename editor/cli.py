@@ -31,6 +31,7 @@ from .options import (
     EditOptions,
     GenerateOptions,
     InvertOptions,
+    LoadOptions,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -38,7 +39,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 PROG = "pivot-edit"
 #: the defaults every flag shows, read from the options dataclasses (never written twice)
-_INV, _EDIT, _GEN = InvertOptions(), EditOptions(), GenerateOptions()
+_INV, _EDIT, _GEN, _LOAD = InvertOptions(), EditOptions(), GenerateOptions(), LoadOptions()
 
 
 def given(args: argparse.Namespace, mapping: dict[str, str]) -> dict[str, Any]:
@@ -59,22 +60,59 @@ def default_model(fallback: str = "auto") -> str:
 
 
 def add_model_args(parser: argparse.ArgumentParser, *, default: str | None = None) -> None:
-    """Options every model-loading subcommand shares: --model, --device, --dtype."""
+    """Options every model-loading subcommand shares (:class:`~editor.options.LoadOptions`):
+    --model, --config, --prediction-type, --lora, --offload, --vae-tiling, --vae-slicing,
+    --device, --dtype, and --threads."""
+    from .options import DTYPE_NAMES, OFFLOAD_MODES, PREDICTION_TYPES
+
     shown = default or f"${MODEL_ENV}, else auto"
     parser.add_argument(
         "--model", default=default or default_model(),
         help="'auto' (SD 1.5 if cached or reachable, else the bundled model), 'shapes' "
              "(bundled), a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5, "
-             f"or a local diffusers folder (default: {shown})",
+             "a local diffusers folder, or a single-file .safetensors checkpoint (SD 1.x, "
+             f"SD 2.x, SDXL base; .ckpt pickles are refused) (default: {shown})",
     )
+    parser.add_argument("--config", default=_LOAD.config, metavar="FOLDER",
+                        help="with --model FILE.safetensors: a diffusers folder (configs only) "
+                             "of the checkpoint's architecture (default: the bundled config "
+                             "for the detected SD 1.x / SD 2.x / SDXL base)")
+    parser.add_argument("--prediction-type", default=_LOAD.prediction_type,
+                        choices=list(PREDICTION_TYPES),
+                        help="what the UNet predicts (default: the checkpoint's own; SD 2.x "
+                             "single files: v_prediction)")
+    parser.add_argument("--lora", action="append", default=None, metavar="FILE[:SCALE]",
+                        help="a LoRA .safetensors file and its scale (default 1), fused into "
+                             "the weights; repeat for several")
+    parser.add_argument("--offload", default=_LOAD.offload, choices=list(OFFLOAD_MODES),
+                        help="GPU with little memory: keep weights in main memory and move "
+                             "each model ('model') or each layer ('sequential', least memory, "
+                             f"slowest) to the GPU while it runs (default: {_LOAD.offload})")
+    parser.add_argument("--vae-tiling", action="store_true",
+                        help="decode/encode large images tile by tile (less memory)")
+    parser.add_argument("--vae-slicing", action="store_true",
+                        help="decode/encode a batch one image at a time (less memory)")
     parser.add_argument("--device", default=None,
                         help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available)")
-    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+    parser.add_argument("--dtype", default=None, choices=list(DTYPE_NAMES),
                         help="weights dtype (default: float32 on CPU, float16 on GPU)")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="CPU threads for torch (default: the cores not already busy, at "
                              "least 1: two processes on two cores each get one, instead of "
                              "fighting over both)")
+
+
+def load_options(args: argparse.Namespace, model: str | None = None) -> LoadOptions:
+    """The :class:`~editor.options.LoadOptions` the model flags say (``model``: instead of
+    ``--model``)."""
+    return LoadOptions(
+        model=model if model is not None else args.model, device=args.device, dtype=args.dtype,
+        config=getattr(args, "config", None),
+        prediction_type=getattr(args, "prediction_type", None),
+        loras=tuple(getattr(args, "lora", None) or ()),
+        offload=getattr(args, "offload", None) or _LOAD.offload,
+        vae_tiling=bool(getattr(args, "vae_tiling", False)),
+        vae_slicing=bool(getattr(args, "vae_slicing", False)))
 
 
 def free_cores() -> int:
@@ -145,7 +183,7 @@ def load_editor(args: argparse.Namespace, inversion=None) -> Editor:
         model = inversion.model_id
         print(f"loading the model the inversion file names: {printable(model)!r}",
               file=sys.stderr)
-    editor = Editor.from_pretrained(model, device=args.device, dtype=args.dtype)
+    editor = Editor.load(load_options(args, model))
     if editor.notice:
         print(editor.notice, file=sys.stderr)
     if inversion is not None:

@@ -32,7 +32,7 @@ from .fastpath import FastPath, resolve_fast
 from .images import load_image, psnr
 from .inversion import Inversion
 from .model import BUNDLED, Model
-from .options import EditOptions, GenerateOptions, InvertOptions
+from .options import EditOptions, GenerateOptions, InvertOptions, LoadOptions, LoraSpec
 from .progress import Callback
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -74,9 +74,24 @@ class Editor:
 
     @classmethod
     def from_pretrained(cls, model: str = BUNDLED, device: str | torch.device | None = None,
-                        dtype: str | torch.dtype | None = None) -> Editor:
-        """Load ``"shapes"`` (bundled), ``"auto"``, a hub id or a local diffusers folder."""
-        return cls(Model.from_pretrained(model, device=device, dtype=dtype))
+                        dtype: str | torch.dtype | None = None, *, config: str | None = None,
+                        prediction_type: str | None = None,
+                        loras: Sequence[str | LoraSpec] = (), offload: str = "none",
+                        vae_tiling: bool = False, vae_slicing: bool = False) -> Editor:
+        """Load ``"shapes"`` (bundled), ``"auto"``, a hub id, a local diffusers folder or a
+        single-file ``.safetensors`` checkpoint; the keywords are
+        :class:`~editor.options.LoadOptions`' fields (``loras``: ``"FILE[:SCALE]"`` or
+        :class:`~editor.options.LoraSpec`)."""
+        return cls.load(LoadOptions(
+            model=model, device=None if device is None else str(device),
+            dtype=None if dtype is None else str(dtype).removeprefix("torch."), config=config,
+            prediction_type=prediction_type, loras=tuple(loras), offload=offload,
+            vae_tiling=vae_tiling, vae_slicing=vae_slicing))
+
+    @classmethod
+    def load(cls, options: LoadOptions) -> Editor:
+        """Load the model ``options`` name (the CLI, web app, batch and compare map here)."""
+        return cls(Model.load(options))
 
     @classmethod
     def from_pipe(cls, pipe: StableDiffusionPipeline, model_id: str, *,

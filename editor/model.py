@@ -12,112 +12,31 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import threading
 from dataclasses import dataclass, field
 from functools import cached_property
-from importlib import resources
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 
+# loading lives in editor.loading; these names stay importable from here
+from .loading import (  # noqa: F401 - re-exported
+    _DTYPES,
+    BUNDLED,
+    SD15,
+    Loaded,
+    LoadOptions,
+    apply_memory_options,
+    build_pipeline,
+    bundled_model_path,
+    check_offload,
+    parse_dtype,
+    resolve_model,
+)
+
 if TYPE_CHECKING:  # pragma: no cover
     from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-BUNDLED = "shapes"
-_DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-}
-
-
-def bundled_model_path() -> Path:
-    """Folder of the bundled "shapes" model (works for editable and regular installs).
-
-    Installed, the model is the package ``editor.assets``; in a source checkout run
-    without installing (``python -m editor`` from the repo root) it is ``assets/``.
-    """
-    try:
-        path = Path(str(resources.files("editor.assets") / "shapes"))
-        if path.is_dir():
-            return path
-    except ModuleNotFoundError:  # not installed: PYTHONPATH=<checkout> (the GPU machine)
-        pass
-    return Path(__file__).resolve().parents[1] / "assets" / "shapes"
-
-
-def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """Resolve a dtype name; refuse half precision on CPU (diffusers' CPU kernels need fp32)."""
-    if dtype is None:
-        return torch.float32 if device.type == "cpu" else torch.float16
-    if isinstance(dtype, str):
-        if dtype.lower() not in _DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; use one of float32, float16, bfloat16")
-        dtype = _DTYPES[dtype.lower()]
-    if device.type == "cpu" and dtype == torch.float16:
-        raise ValueError("float16 is not supported on CPU; use --dtype float32 (or bfloat16) on CPU")
-    return dtype
-
-
-def _hub_cached(repo_id: str) -> bool:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        return isinstance(try_to_load_from_cache(repo_id, "model_index.json"), str)
-    except Exception:  # noqa: BLE001 - any failure means "not cached"
-        return False
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return False
-    import socket
-
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def resolve_model(model: str) -> tuple[str, str | None]:
-    """Map ``auto`` / ``shapes`` / hub id / folder to what ``from_pretrained`` takes.
-
-    Returns ``(location, notice)``; ``notice`` is a line for the user (or None).
-    """
-    if not model or not isinstance(model, str):
-        raise ValueError("model must be 'auto', 'shapes', a hub id or a local folder")
-    if model == "auto":
-        if _hub_cached(SD15) or _hub_reachable():
-            return SD15, None
-        return str(bundled_model_path()), (
-            f"notice: {SD15} is not cached and the hub is unreachable; using the bundled "
-            "'shapes' model (it only knows simple coloured shapes). Pass --model with a local "
-            "SD 1.5 folder to edit real photos."
-        )
-    if model == BUNDLED:
-        return str(bundled_model_path()), None
-    path = Path(model).expanduser()
-    if path.exists() or model.startswith((".", "/", "~")):
-        if not path.is_dir():
-            raise ValueError(f"model folder {model!r} does not exist or is not a folder")
-        if not (path / "model_index.json").is_file():
-            raise ValueError(
-                f"{model!r} is not a diffusers model folder (no model_index.json); save one with "
-                "StableDiffusionPipeline.save_pretrained(...) or use --model shapes"
-            )
-        return str(path), None
-    if model.count("/") != 1:
-        raise ValueError(
-            f"unknown model {model!r}: use 'auto', 'shapes', a hub id like '{SD15}' "
-            "or a local diffusers folder"
-        )
-    return model, None
-
 
 #: Config keys that say where or how a model was loaded, not what it is.
 _NON_SEMANTIC = ("transformers_version", "torch_dtype", "dtype")
@@ -163,6 +82,12 @@ class Model:
     #: Serialises use of the one UNet: an edit installs attention processors on it, so two
     #: threads (two web-app users) must not interleave an edit with another run.
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
+    #: plain data hashed with the weights (LoRA files and scales; :func:`weights_fingerprint`)
+    fingerprint_extra: dict = field(default_factory=dict, repr=False, compare=False)
+    #: where the UNet runs when CPU offload keeps the weights in main memory (else None)
+    execution_device: torch.device | None = field(default=None, repr=False, compare=False)
+    #: the options it was loaded with (None: built from a pipeline in memory)
+    load_options: LoadOptions | None = field(default=None, repr=False, compare=False)
 
     # -- loading ------------------------------------------------------------------------------
 
@@ -173,29 +98,31 @@ class Model:
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
     ) -> Model:
-        """Load ``"shapes"`` (bundled), ``"auto"``, a hub id or a local diffusers folder."""
-        from diffusers import StableDiffusionPipeline
+        """Load ``"shapes"`` (bundled), ``"auto"``, a hub id, a local diffusers folder or a
+        ``.safetensors`` file with default load options (:meth:`load` takes them all)."""
+        return cls.load(LoadOptions(model=model, device=None if device is None else str(device),
+                                    dtype=None if dtype is None else str(dtype).removeprefix(
+                                        "torch.")))
 
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dt = parse_dtype(dtype, dev)
-        location, notice = resolve_model(model)
-        try:
-            pipe = StableDiffusionPipeline.from_pretrained(
-                location, dtype=dt, safety_checker=None, requires_safety_checker=False
-            )
-        except ValueError:
-            raise
-        except Exception as exc:  # hub / filesystem errors: one clear message
-            if Path(location).is_dir():
-                raise ValueError(f"could not load diffusers folder {location!r}: {exc}") from None
-            raise ValueError(
-                f"could not load {location!r} from the Hugging Face hub "
-                f"({type(exc).__name__}). Download it once with network access, or pass a local "
-                "folder (--model /path/to/sd15), or set HF_HUB_OFFLINE=1 to use the cache only, "
-                "or use --model shapes for the bundled model."
-            ) from None
-        name = "shapes" if location == str(bundled_model_path()) else model
-        return cls.from_pipe(pipe, name, device=dev, notice=notice)
+    @classmethod
+    def load(cls, options: LoadOptions) -> Model:
+        """Load what ``options`` name (:mod:`editor.loading`): the pipeline, its LoRAs, then
+        the fingerprint (before offload moves weights), then the memory options."""
+        dev = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dt = parse_dtype(options.dtype, dev)
+        check_offload(options, dev)
+        loaded: Loaded = build_pipeline(options, dev, dt)
+        name = BUNDLED if loaded.location == str(bundled_model_path()) else options.model
+        offload = options.offload != "none"
+        self = cls.from_pipe(loaded.pipe, name, device=None if offload else dev,
+                             notice="\n".join(loaded.notices) or None)
+        self.fingerprint_extra = loaded.extra
+        _ = self.fingerprint  # hashed now: offloaded weights are not all in one place later
+        apply_memory_options(loaded.pipe, options, dev)
+        if offload:
+            self.execution_device = dev
+        self.load_options = options
+        return self
 
     @classmethod
     def from_pipe(cls, pipe: StableDiffusionPipeline, model_id: str, *,
@@ -216,6 +143,8 @@ class Model:
 
     @property
     def device(self) -> torch.device:
+        if self.execution_device is not None:  # offloaded: the weights live on the CPU
+            return self.execution_device
         return self.pipe.unet.device
 
     @property
@@ -263,7 +192,7 @@ class Model:
         byte-identical copy of a model folder has the same fingerprint; changing any weight
         changes it. Computed once per loaded model (about 2 s for SD 1.5's 1 B weights).
         """
-        return weights_fingerprint(self.pipe)
+        return weights_fingerprint(self.pipe, self.fingerprint_extra or None)
 
     def scheduler(self) -> DDIMScheduler:
         """A fresh DDIM scheduler from the model's own config (never the class defaults)."""

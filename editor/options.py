@@ -400,3 +400,112 @@ class EditOptions(_Options):
         import json
 
         return json.dumps(self.to_dict(), sort_keys=True)
+
+
+# -- loading a model ----------------------------------------------------------------------------
+
+#: ``offload``: keep weights in main memory and move them to the GPU while they run
+#: (:meth:`diffusers.DiffusionPipeline.enable_model_cpu_offload` one model at a time,
+#: ``enable_sequential_cpu_offload`` one layer at a time).
+OFFLOAD_MODES = ("none", "model", "sequential")
+#: What the UNet predicts (:func:`editor.ddim.x0_eps`); ``None``: the checkpoint's own.
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+#: Weight dtypes a model loads in.
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
+#: Largest absolute LoRA scale accepted.
+MAX_LORA_SCALE = 10.0
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """One LoRA file and the scale it is applied with (``FILE[:SCALE]``)."""
+
+    path: str
+    scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.path, str) or not self.path.strip():
+            raise ValueError(f"a LoRA must be a file path, got {self.path!r}")
+        object.__setattr__(self, "scale", check_number(
+            f"scale of LoRA {self.path!r}", self.scale, -MAX_LORA_SCALE, MAX_LORA_SCALE))
+
+    @classmethod
+    def parse(cls, text: Any) -> LoraSpec:
+        """``"style.safetensors"``, ``"style.safetensors:0.8"``, a ``{"path", "scale"}``
+        mapping or a ``LoraSpec``. A trailing ``:X`` is a scale only when X is a number, so
+        paths with colons still work."""
+        if isinstance(text, LoraSpec):
+            return text
+        if isinstance(text, Mapping):
+            unknown = set(text) - {"path", "scale"}
+            if unknown:
+                raise ValueError(f"unknown LoRA keys {sorted(unknown)} (valid: path, scale)")
+            return cls(text.get("path"), text.get("scale", 1.0))
+        if not isinstance(text, str):
+            raise ValueError(f"a LoRA must be FILE or FILE:SCALE, got {text!r}")
+        head, sep, tail = text.rpartition(":")
+        if sep and head:
+            try:
+                return cls(head, float(tail))
+            except ValueError as exc:
+                if "scale of LoRA" in str(exc):
+                    raise
+        return cls(text)
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.scale:g}"
+
+
+@dataclass(frozen=True)
+class LoadOptions(_Options):
+    """What model to load and how (:meth:`editor.facade.Editor.load`; docs/models.md).
+
+    - ``model``: ``"shapes"`` (bundled), ``"auto"``, a hub id, a diffusers folder, or a
+      single-file ``.safetensors`` checkpoint (SD 1.x, SD 2.x, SDXL base).
+    - ``config``: a diffusers folder whose configs describe a single-file checkpoint's
+      architecture (default: the bundled config for the detected architecture).
+    - ``prediction_type``: override what the UNet predicts (SD 2.x 768-v: ``v_prediction``).
+    - ``loras``: LoRA files with their scales, fused into the weights in order.
+    - ``offload``: ``model`` / ``sequential`` CPU offload (a GPU with little memory).
+    - ``vae_tiling`` / ``vae_slicing``: decode and encode large images tile by tile / a
+      batch one image at a time (less memory, same or nearly the same pixels).
+    - ``device``, ``dtype``: where and in what precision (default: CUDA if available;
+      float32 on CPU, float16 on GPU).
+    """
+
+    VERB: ClassVar[str] = "load"
+
+    model: str = "shapes"
+    device: str | None = None
+    dtype: str | None = None
+    config: str | None = None
+    prediction_type: str | None = None
+    loras: tuple[LoraSpec, ...] = ()
+    offload: str = "none"
+    vae_tiling: bool = False
+    vae_slicing: bool = False
+
+    def check(self) -> LoadOptions:
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise ValueError("model must be 'auto', 'shapes', a hub id, a local folder or a "
+                             ".safetensors file")
+        for name in ("device", "config"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, str) or not v.strip()):
+                raise ValueError(f"{name} must be a non-empty string, got {v!r}")
+        if self.dtype is not None and not isinstance(self.dtype, str):
+            raise ValueError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
+        if self.prediction_type is not None:
+            check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES,
+                         "prediction type")
+        loras = self.loras
+        if isinstance(loras, (str, Mapping, LoraSpec)):
+            loras = [loras]
+        if not isinstance(loras, (list, tuple)):
+            raise ValueError(f"loras must be a list of FILE[:SCALE], got {loras!r}")
+        self._set("loras", tuple(LoraSpec.parse(x) for x in loras))
+        check_choice("offload", self.offload, OFFLOAD_MODES, "offload mode")
+        for name in ("vae_tiling", "vae_slicing"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        return self

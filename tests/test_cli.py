@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from editor import cli
-from editor import model as model_mod
+from editor import loading as model_mod
 from editor.cli import build_parser, main
 
 

@@ -19,7 +19,7 @@ LAYERS: dict[str, int] = {
     "editor.ddim": 0, "editor.images": 0, "editor.scenes": 0, "editor.metrics": 0,
     "editor.fileio": 0, "editor.compose": 0,
     # 1: the loaded model and its primitives
-    "editor.model": 1,
+    "editor.loading": 1, "editor.model": 1,
     # 2: the algorithms
     "editor.attention": 2, "editor.blending": 2, "editor.embeddings": 2, "editor.fastpath": 2,
     "editor.inversion": 2, "editor.sampling": 2, "editor.editing": 2,

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from editor import Editor, GenerateOptions
-from editor import model as model_mod
+from editor import loading as loading_mod
 from editor.model import SD15, bundled_model_path, parse_dtype, resolve_model
 
 MODEL_FILES = [
@@ -123,15 +123,15 @@ def test_uncached_hub_id_offline_names_the_cure(monkeypatch):
 
 
 def test_auto_falls_back_to_the_bundled_model_with_a_notice(monkeypatch):
-    monkeypatch.setattr(model_mod, "_hub_cached", lambda repo: False)
-    monkeypatch.setattr(model_mod, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(loading_mod, "_hub_cached", lambda repo: False)
+    monkeypatch.setattr(loading_mod, "_hub_reachable", lambda timeout=3.0: False)
     location, notice = resolve_model("auto")
     assert Path(location) == bundled_model_path()
     assert notice and SD15 in notice and "shapes" in notice
 
 
 def test_auto_prefers_sd15_when_cached(monkeypatch):
-    monkeypatch.setattr(model_mod, "_hub_cached", lambda repo: repo == SD15)
+    monkeypatch.setattr(loading_mod, "_hub_cached", lambda repo: repo == SD15)
     assert resolve_model("auto") == (SD15, None)
 
 
