@@ -59,9 +59,11 @@ def default_model(fallback: str = "auto") -> str:
     return os.environ.get(MODEL_ENV) or fallback
 
 
-def add_model_args(parser: argparse.ArgumentParser, *, default: str | None = None) -> None:
+def add_model_args(parser: argparse.ArgumentParser, *, default: str | None = None,
+                   config_flags: tuple[str, ...] = ("--config", "--model-config")) -> None:
     """Options every model-loading subcommand shares (:class:`~editor.options.LoadOptions`):
-    --model, --config, --prediction-type, --lora, --offload, --vae-tiling, --vae-slicing,
+    --model, --config (``--model-config``; only that in ``compare``, whose ``--config`` is a
+    run configuration), --prediction-type, --lora, --offload, --vae-tiling, --vae-slicing,
     --device, --dtype, and --threads."""
     from .options import DTYPE_NAMES, OFFLOAD_MODES, PREDICTION_TYPES
 
@@ -73,7 +75,7 @@ def add_model_args(parser: argparse.ArgumentParser, *, default: str | None = Non
              "a local diffusers folder, or a single-file .safetensors checkpoint (SD 1.x, "
              f"SD 2.x, SDXL base; .ckpt pickles are refused) (default: {shown})",
     )
-    parser.add_argument("--config", default=_LOAD.config, metavar="FOLDER",
+    parser.add_argument(*config_flags, dest="model_config", default=_LOAD.config, metavar="FOLDER",
                         help="with --model FILE.safetensors: a diffusers folder (configs only) "
                              "of the checkpoint's architecture (default: the bundled config "
                              "for the detected SD 1.x / SD 2.x / SDXL base)")
@@ -107,7 +109,7 @@ def load_options(args: argparse.Namespace, model: str | None = None) -> LoadOpti
     ``--model``)."""
     return LoadOptions(
         model=model if model is not None else args.model, device=args.device, dtype=args.dtype,
-        config=getattr(args, "config", None),
+        config=getattr(args, "model_config", None),
         prediction_type=getattr(args, "prediction_type", None),
         loras=tuple(getattr(args, "lora", None) or ()),
         offload=getattr(args, "offload", None) or _LOAD.offload,
@@ -848,7 +850,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="PIE-Bench folder (mapping_file.json + annotation_images/)")
     src.add_argument("--manifest", metavar="MANIFEST", help="a batch manifest (.jsonl/.yaml/.csv)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
-    add_model_args(p, default="shapes")
+    add_model_args(p, default="shapes", config_flags=("--model-config",))  # --config: below
     p.add_argument("--methods", default=None,
                    help="comma-separated inversion methods (default: ddim,null-text,"
                         "negative-prompt,direct; none when only --config is given)")
