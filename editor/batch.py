@@ -41,7 +41,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .facade import Editor
     from .inversion import Inversion
 
-__all__ = ["run_batch", "run_item", "plan", "BatchReport", "ItemRecord", "read_manifest",
+__all__ = ["run_batch", "run_item", "plan", "BatchReport", "BatchRun", "ItemRecord",
+           "item_done", "resumed_record", "failed_record", "read_manifest",
            "ManifestError", "BatchItem", "EditSpec", "cache_key", "is_complete_image",
            "slugify", "atomic_save_image", "atomic_write_bytes", "inversion_options"]
 
@@ -165,11 +166,8 @@ def run_item(
     t0 = time.perf_counter()
     folder = out_dir / item.id
     names = item.output_names()
-    recon = f"{item.id}/{RECONSTRUCTION}" if reconstruction else None
-    record = ItemRecord(item.id, str(item.image), "failed", [], None, 0.0, recon)
-    todo = [(n, e) for n, (e, name) in enumerate(zip(item.edits, names, strict=True), 1)
-            if not is_complete_image(folder / name)]
-    need_recon = reconstruction and not is_complete_image(folder / RECONSTRUCTION)
+    record = _new_record(item, reconstruction)
+    todo, need_recon = _missing(item, out_dir, reconstruction)
     errors: dict[int, str] = {}
     item_error: str | None = None
     ticked = [0]
@@ -180,9 +178,7 @@ def run_item(
             edits_bar.update(n)
 
     if not todo and not need_recon:
-        record.status, record.resumed = "ok", True
-        _finish(record, item, folder, errors, None)
-        return record
+        return resumed_record(item, out_dir, reconstruction=reconstruction)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         clean_temporaries(folder)
@@ -220,6 +216,45 @@ def run_item(
         edits_bar.update(len(todo) - ticked[0])
     record.seconds = round(time.perf_counter() - t0, 3)
     _finish(record, item, folder, errors, item_error)
+    return record
+
+
+def _new_record(item: BatchItem, reconstruction: bool) -> ItemRecord:
+    recon = f"{item.id}/{RECONSTRUCTION}" if reconstruction else None
+    return ItemRecord(item.id, str(item.image), "failed", [], None, 0.0, recon)
+
+
+def _missing(item: BatchItem, out_dir: Path, reconstruction: bool
+             ) -> tuple[list[tuple[int, EditSpec]], bool]:
+    """The edits whose output is not a complete image yet, and whether the reconstruction
+    still has to be written."""
+    folder = out_dir / item.id
+    todo = [(n, e) for n, (e, name) in enumerate(zip(item.edits, item.output_names(), strict=True), 1)
+            if not is_complete_image(folder / name)]
+    return todo, reconstruction and not is_complete_image(folder / RECONSTRUCTION)
+
+
+def item_done(item: BatchItem, out_dir: Path, *, reconstruction: bool) -> bool:
+    """Every output of ``item`` is on disk and complete (a rerun has nothing to do)."""
+    todo, need_recon = _missing(item, out_dir, reconstruction)
+    return not todo and not need_recon
+
+
+def resumed_record(item: BatchItem, out_dir: Path, *, reconstruction: bool) -> ItemRecord:
+    """The record of an item whose outputs are all there already (nothing run)."""
+    record = _new_record(item, reconstruction)
+    record.status, record.resumed = "ok", True
+    _finish(record, item, out_dir / item.id, {}, None)
+    return record
+
+
+def failed_record(item: BatchItem, out_dir: Path, *, reconstruction: bool, error: str,
+                  seconds: float = 0.0) -> ItemRecord:
+    """The record of an item that could not be run to its end (``error`` says why), with
+    whatever outputs it left complete on disk."""
+    record = _new_record(item, reconstruction)
+    record.seconds = round(seconds, 3)
+    _finish(record, item, out_dir / item.id, {}, error)
     return record
 
 
@@ -285,15 +320,65 @@ def run_batch(
                            native=native, min_reconstruction_psnr=min_reconstruction_psnr)
 
 
+class BatchRun:
+    """The record-keeping both engines share (the local loop here, the Ray driver in
+    :mod:`editor.ray_engine`): records in manifest order whatever order they arrive in,
+    ``summary.json`` rewritten atomically after each, a resumed item's earlier seconds
+    kept, and per-worker throughput. Used inside the output folder's lock."""
+
+    def __init__(self, items: list[BatchItem], out: Path, *, defaults: dict[str, Any] | None,
+                 manifest: str | None, engine: str) -> None:
+        self.items, self.out, self.engine = items, out, engine
+        clean_temporaries(out)
+        clean_temporaries(out / CACHE_DIR)
+        self.previous = _previous_records(out)
+        self.records: dict[str, ItemRecord] = {}
+        self.workers: dict[str, dict[str, Any]] = {}
+        self.meta = {"manifest": manifest,
+                     "defaults": {k: v for k, v in (defaults or {}).items() if v is not None}}
+        self.t0 = time.perf_counter()
+
+    def add(self, rec: ItemRecord, *, worker: str | None = None, seconds: float | None = None,
+            worker_info: dict[str, Any] | None = None) -> None:
+        """Keep ``rec`` (done by ``worker`` in ``seconds``) and rewrite the summary."""
+        if rec.resumed and rec.id in self.previous:
+            rec.seconds = float(self.previous[rec.id].get("seconds") or 0.0)
+            rec.inversion_cached = self.previous[rec.id].get("inversion_cached")
+        self.records[rec.id] = rec
+        if worker is not None:
+            w = self.workers.setdefault(worker, {"worker": worker, "items": 0, "seconds": 0.0,
+                                                 **(worker_info or {})})
+            w["items"] += 1
+            w["seconds"] = round(w["seconds"] + (rec.seconds if seconds is None else seconds), 3)
+            w["items_per_s"] = round(w["items"] / w["seconds"], 4) if w["seconds"] > 0 else None
+        self.write(finished=False)
+
+    def ordered(self) -> list[ItemRecord]:
+        return [self.records[it.id] for it in self.items if it.id in self.records]
+
+    def stats(self) -> dict[str, Any]:
+        """The run's engine and throughput: items run (not resumed) per second of wall time,
+        and each worker's items, busy seconds and items per busy second."""
+        wall = time.perf_counter() - self.t0
+        ran = sum(w["items"] for w in self.workers.values())
+        return {"engine": self.engine, "wall_seconds": round(wall, 3),
+                "items_per_s": round(ran / wall, 4) if wall > 0 and ran else None,
+                "workers": list(self.workers.values())}
+
+    def write(self, *, finished: bool, **extra: Any) -> None:
+        write_summary(self.out, self.ordered(), finished=finished, **self.meta, **self.stats(),
+                      **extra)
+
+    def finish(self, **extra: Any) -> BatchReport:
+        self.write(finished=True, **extra)
+        return BatchReport(self.ordered(), self.out)
+
+
 def _run_locked(editor, items, out: Path, *, defaults, reconstruction, use_cache, progress,
                 manifest, native, min_reconstruction_psnr) -> BatchReport:
-    clean_temporaries(out)
-    clean_temporaries(out / CACHE_DIR)
-    previous = _previous_records(out)
+    run = BatchRun(items, out, defaults=defaults, manifest=manifest, engine="local")
     lazy = _LazyEditor(editor)
-    records: list[ItemRecord] = []
     n_edits = sum(len(it.edits) for it in items)
-    meta = {"manifest": manifest, "defaults": {k: v for k, v in (defaults or {}).items() if v is not None}}
     with tqdm(total=len(items), desc="items", unit="item", disable=not progress) as ibar, \
             tqdm(total=n_edits, desc="edits", unit="edit", disable=not progress, leave=False) as ebar:
         for item in items:
@@ -304,14 +389,9 @@ def _run_locked(editor, items, out: Path, *, defaults, reconstruction, use_cache
             rec = run_item(lazy, item, out, defaults=defaults, reconstruction=reconstruction,
                            use_cache=use_cache, edits_bar=ebar, native=native,
                            min_reconstruction_psnr=min_reconstruction_psnr)
-            if rec.resumed and item.id in previous:
-                rec.seconds = float(previous[item.id].get("seconds") or 0.0)
-                rec.inversion_cached = previous[item.id].get("inversion_cached")
-            records.append(rec)
-            write_summary(out, records, finished=False, **meta)
+            run.add(rec, worker=None if rec.resumed else "local")
             ibar.update(1)
-    write_summary(out, records, finished=True, **meta)
-    return BatchReport(records, out)
+    return run.finish()
 
 
 def plan(items: list[BatchItem], out_dir: str | Path, *, defaults: dict[str, Any] | None = None,

@@ -24,11 +24,13 @@ from .fileio import IMAGE_SUFFIXES, check_output_file, check_output_folder, prin
 from .options import (
     BLEND_MAPS,
     EDIT_MODES,
+    ENGINES,
     LEAKAGE_MODES,
     MASK_MODES,
     METHODS,
     SELF_LAYER_RULES,
     EditOptions,
+    EngineOptions,
     GenerateOptions,
     InvertOptions,
     LoadOptions,
@@ -40,6 +42,7 @@ if TYPE_CHECKING:  # pragma: no cover
 PROG = "pivot-edit"
 #: the defaults every flag shows, read from the options dataclasses (never written twice)
 _INV, _EDIT, _GEN, _LOAD = InvertOptions(), EditOptions(), GenerateOptions(), LoadOptions()
+_ENG = EngineOptions()
 
 
 def given(args: argparse.Namespace, mapping: dict[str, str]) -> dict[str, Any]:
@@ -193,6 +196,46 @@ def load_editor(args: argparse.Namespace, inversion=None) -> Editor:
     return editor
 
 
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """--engine, --address, --workers, --gpus-per-worker, --retries (batch and compare)."""
+    parser.add_argument("--engine", default=_ENG.engine, choices=list(ENGINES),
+                        help="local: this process, one device (default); ray: one Ray actor "
+                             "per worker, each loading the model once (pip install "
+                             "\"pivot-edit[ray]\"; docs/batch-and-compare.md)")
+    parser.add_argument("--address", default=None, metavar="auto|HOST:PORT",
+                        help="Ray cluster to join (--out must then be an absolute path on "
+                             "shared storage); default: start a local Ray instance")
+    parser.add_argument("--workers", type=int, default=None, metavar="N",
+                        help="Ray workers (default: this machine's cores, or the cluster's "
+                             "GPUs / --gpus-per-worker)")
+    parser.add_argument("--gpus-per-worker", type=float, default=None, metavar="F",
+                        help="GPUs each Ray worker reserves (1: one worker per GPU; default 0)")
+    parser.add_argument("--retries", type=int, default=None, metavar="N",
+                        help="runs again of an item whose Ray worker died, before it is "
+                             f"recorded as failed (default: {_ENG.retries})")
+
+
+def engine_options(args: argparse.Namespace) -> EngineOptions:
+    opts = EngineOptions.from_mapping(given(args, {
+        "engine": "engine", "address": "address", "workers": "workers",
+        "gpus_per_worker": "gpus_per_worker", "retries": "retries"}))
+    if opts.engine == "ray":
+        from .ray_engine import import_ray
+
+        import_ray()  # not installed: one line naming the extra, before any work
+    return opts
+
+
+def model_spec(args: argparse.Namespace):
+    """What each Ray worker loads: the model flags (a local folder made absolute)."""
+    from .ray_engine import ModelSpec
+
+    model = args.model
+    if model not in ("auto", "shapes") and Path(model).is_dir():
+        model = str(Path(model).absolute())
+    return ModelSpec(model, device=args.device, dtype=args.dtype, threads=args.threads)
+
+
 def _save_image(image, out: Path) -> Path:
     """Write ``image`` atomically (a temporary file renamed into place): nothing half-written."""
     from .fileio import atomic_save_image
@@ -322,7 +365,12 @@ def cmd_batch(args: argparse.Namespace) -> int:
     from .batch import plan, read_manifest, run_batch
 
     items = read_manifest(args.manifest)  # ManifestError (a ValueError) -> exit 2
+    engine = engine_options(args)
     if not args.dry_run:
+        if engine.engine == "ray":
+            from .ray_engine import check_out
+
+            check_out(args.out, engine)
         check_output_folder(args.out)
     defaults = {"method": args.method, "steps": args.steps, "guidance": args.guidance,
                 "num_inner_steps": args.num_inner_steps}
@@ -331,10 +379,19 @@ def cmd_batch(args: argparse.Namespace) -> int:
         print("\n".join(plan(items, args.out, defaults=defaults,
                              reconstruction=not args.no_reconstruction)))
         return 0
-    report = run_batch(lambda: load_editor(args), items, args.out, defaults=defaults,
-                       reconstruction=not args.no_reconstruction, use_cache=not args.no_cache,
-                       manifest=str(args.manifest), native=args.native,
-                       min_reconstruction_psnr=args.min_reconstruction_psnr)
+    if engine.engine == "ray":
+        from .ray_engine import run_batch_ray
+
+        report = run_batch_ray(model_spec(args), items, args.out, engine=engine,
+                               defaults=defaults, reconstruction=not args.no_reconstruction,
+                               use_cache=not args.no_cache, manifest=str(args.manifest),
+                               native=args.native,
+                               min_reconstruction_psnr=args.min_reconstruction_psnr)
+    else:
+        report = run_batch(lambda: load_editor(args), items, args.out, defaults=defaults,
+                           reconstruction=not args.no_reconstruction, use_cache=not args.no_cache,
+                           manifest=str(args.manifest), native=args.native,
+                           min_reconstruction_psnr=args.min_reconstruction_psnr)
     for rec in report.failed:
         print(f"{PROG}: item {rec.id} failed: {printable(rec.error)}", file=sys.stderr)
     n = len(report.records)
@@ -346,6 +403,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     """Run images x edits through several configurations; write grid, tables, raw outputs."""
     from . import compare as C
 
+    engine = engine_options(args)
+    if engine.engine == "ray":
+        from .ray_engine import check_out
+
+        check_out(args.out, engine)
     check_output_folder(args.out)  # before any model loads
 
     def csv_list(text: str | None) -> list[str] | None:
@@ -363,23 +425,35 @@ def cmd_compare(args: argparse.Namespace) -> int:
         if args.steps is None:  # a few minutes on CPU; --steps 50 for the published protocol
             for cfg in configs:
                 cfg.invert.setdefault("steps", C.SHAPES_BENCH_STEPS)
-        editor = load_editor(args)
-        cases = C.shapes_bench(args.n, seed=args.seed, size=editor.native_size)
         convention = args.mask_convention or "select"
+    elif args.pie_bench:
+        title = "PIE-Bench"
+        notes.append(C.PIE_NOTE)
+        cases = C.load_pie_bench(args.pie_bench, types=csv_list(args.pie_types), limit=args.limit)
+        convention = args.mask_convention or "zero"
     else:
-        if args.pie_bench:
-            title = "PIE-Bench"
-            notes.append(C.PIE_NOTE)
-            cases = C.load_pie_bench(args.pie_bench, types=csv_list(args.pie_types), limit=args.limit)
-            convention = args.mask_convention or "zero"
-        else:
-            title = f"comparison on {args.manifest}"
-            cases = C.manifest_cases(args.manifest)[: args.limit]
-            convention = args.mask_convention or "select"
+        title = f"comparison on {args.manifest}"
+        cases = C.manifest_cases(args.manifest)[: args.limit]
+        convention = args.mask_convention or "select"
+    if engine.engine == "ray":
+        from .ray_engine import WorkerPool, run_compare_ray
+
+        with WorkerPool(model_spec(args), engine) as pool:
+            info = pool.first_info()
+            if info.get("notice"):
+                print(info["notice"], file=sys.stderr)
+            if args.bench == "shapes":
+                cases = C.shapes_bench(args.n, seed=args.seed, size=info["native_size"])
+            report = run_compare_ray(pool, cases, configs, args.out, convention=convention,
+                                     use_cache=not args.no_cache, title=title, notes=notes,
+                                     native=args.native)
+    else:
         editor = load_editor(args)
-    report = C.run_compare(editor, cases, configs, args.out, convention=convention,
-                           use_cache=not args.no_cache, title=title, notes=notes,
-                           native=args.native)
+        if args.bench == "shapes":
+            cases = C.shapes_bench(args.n, seed=args.seed, size=editor.native_size)
+        report = C.run_compare(editor, cases, configs, args.out, convention=convention,
+                               use_cache=not args.no_cache, title=title, notes=notes,
+                               native=args.native)
     for line in C.markdown_table(report.summary()).splitlines():
         print(printable(line))
     for note in report.notes:
@@ -837,6 +911,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "model cannot represent them; a warning is recorded below 20 dB anyway)")
     p.add_argument("--dry-run", action="store_true",
                    help="validate the manifest and print the plan; load no model")
+    add_engine_args(p)
     p.set_defaults(func=cmd_batch)
 
     p = sub.add_parser(
@@ -878,6 +953,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--native", action="store_true",
                    help="edit and measure at the working (model) size, also for larger images "
                         "(default: at the image's own size)")
+    add_engine_args(p)
     p.set_defaults(func=cmd_compare)
 
     return parser

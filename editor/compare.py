@@ -348,6 +348,11 @@ class Row:
     values: dict[str, Any] = field(default_factory=dict)
     image: Image.Image | None = None
 
+    def plain(self) -> dict[str, Any]:
+        """The row as plain data, without its image (which is in ``OUT/raw/``)."""
+        return {"case": self.case, "kind": self.kind, "config": self.config,
+                "status": self.status, "error": self.error, "values": dict(self.values)}
+
 
 def _fit(img: Image.Image, size: tuple[int, int]) -> Image.Image:
     img = img.convert("RGB")
@@ -420,13 +425,7 @@ def run_compare(
     Edits of a case image larger than the working size come back at its size (the
     original's pixels outside each edit's mask) and are measured there, unless ``native``.
     """
-    if not cases:
-        raise ValueError("nothing to compare: no cases")
-    if not configs:
-        raise ValueError("nothing to compare: no configurations")
-    names = [c.name for c in configs]
-    if len(set(names)) != len(names):
-        raise ValueError(f"configuration names must be unique, got {names}")
+    check_setup(cases, configs)
     out = check_output_folder(out_dir)
     with OutputLock(out, "pivot-edit compare run"):
         return _run_locked(editor, cases, configs, out, convention=convention,
@@ -434,28 +433,47 @@ def run_compare(
                            native=native)
 
 
-def _run_locked(editor: Editor, cases: list[Case], configs: list[Config], out: Path, *,
-                convention: str, use_cache: bool, progress: bool, title: str,
-                notes: Sequence[str], native: bool) -> CompareReport:
-    t_start = time.perf_counter()
-    (out / "raw").mkdir(parents=True, exist_ok=True)
-    cache = InversionCache(out / CACHE_DIR if use_cache else None)
-    inversions: dict[str, dict[str, Any]] = {}
-    rows: list[Row] = []
-    sources: dict[tuple[str, str], Image.Image] = {}
-    bar = tqdm(total=len(cases) * len(configs), desc="compare", unit="edit", disable=not progress)
+def check_setup(cases: list[Case], configs: list[Config]) -> None:
+    """A comparison needs cases and uniquely named configurations (both engines check)."""
+    if not cases:
+        raise ValueError("nothing to compare: no cases")
+    if not configs:
+        raise ValueError("nothing to compare: no configurations")
+    names = [c.name for c in configs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"configuration names must be unique, got {names}")
+
+
+def inversion_groups(configs: Sequence[Config]) -> list[list[Config]]:
+    """The configurations that share one inversion setting, in order of first appearance:
+    the unit of work (one group inverts every case once, then runs its configurations)."""
+    groups: dict[str, list[Config]] = {}
     for cfg in configs:
-        ikey = json.dumps(cfg.inversion_options(), sort_keys=True)
-        if ikey not in inversions:
-            bar.set_postfix_str(f"inverting ({cfg.method})")
-            inversions[ikey] = cache.get_many(editor, [(c.id, c.image, c.prompt) for c in cases],
-                                              cfg.invert_options(), progress=progress)
+        groups.setdefault(json.dumps(cfg.inversion_options(), sort_keys=True), []).append(cfg)
+    return list(groups.values())
+
+
+def run_group(editor: Editor, cases: list[Case], configs: list[Config], out: Path, *,
+              use_cache: bool, convention: str, native: bool, progress: bool,
+              bar: Any) -> list[Row]:
+    """Invert every case once under the setting ``configs`` share (from the cache, else in one
+    batch), then edit, save (``OUT/raw/<config>/``) and measure each case under each of
+    them. Returns the rows in configuration order, then case order; ``bar`` is ticked once
+    per row."""
+    cache = InversionCache(out / CACHE_DIR if use_cache else None)
+    first = configs[0]
+    bar.set_postfix_str(f"inverting ({first.method})")
+    inversions = cache.get_many(editor, [(c.id, c.image, c.prompt) for c in cases],
+                                first.invert_options(), progress=progress)
+    rows: list[Row] = []
+    sources: dict[str, Image.Image] = {}
+    for cfg in configs:
         raw = out / "raw" / slugify(cfg.name)
         raw.mkdir(parents=True, exist_ok=True)
         for case in cases:
             bar.set_postfix_str(printable(f"{cfg.name} {case.id}"))
             row = Row(case.id, case.kind, cfg.name)
-            inv = inversions[ikey][case.id]
+            inv = inversions[case.id]
             try:
                 if isinstance(inv, BaseException):
                     raise inv
@@ -473,12 +491,11 @@ def _run_locked(editor: Editor, cases: list[Case], configs: list[Config], out: P
                 edited = res if isinstance(res, Image.Image) else res.image
                 src = getattr(res, "source", None)
                 if src is None:  # an engine without the source branch in its result
-                    skey = (ikey, case.id)
-                    if skey not in sources:
+                    if case.id not in sources:
                         t0 = time.perf_counter()
-                        sources[skey] = editor.reconstruct(inv, progress=False)
+                        sources[case.id] = editor.reconstruct(inv, progress=False)
                         row.values["recon_s"] = time.perf_counter() - t0
-                    src = sources[skey]
+                    src = sources[case.id]
                 atomic_save_image(edited, raw / f"{case.id}.png")
                 atomic_save_image(src, raw / f"{case.id}.source.png")
                 row.values.update(measure(case, edited, src, convention=convention))
@@ -487,11 +504,41 @@ def _run_locked(editor: Editor, cases: list[Case], configs: list[Config], out: P
                 row.status, row.error = "failed", _error_text(exc)
             rows.append(row)
             bar.update(1)
-    bar.close()
-    notes = [*M.optional_metrics_note(), *notes]
-    report = CompareReport(configs, cases, rows, out, notes, time.perf_counter() - t_start)
+    return rows
+
+
+def in_config_order(rows: list[Row], configs: Sequence[Config]) -> list[Row]:
+    """``rows`` (from groups, in any order) in configuration order, then case order."""
+    by_config: dict[str, list[Row]] = {}
+    for r in rows:
+        by_config.setdefault(r.config, []).append(r)
+    return [r for cfg in configs for r in by_config.get(cfg.name, [])]
+
+
+def finish_compare(cases: list[Case], configs: list[Config], rows: list[Row], out: Path, *,
+                   title: str, notes: Sequence[str], convention: str,
+                   seconds: float) -> CompareReport:
+    """The report, with grid, tables and summaries written (both engines end here)."""
+    report = CompareReport(configs, cases, rows, out, [*M.optional_metrics_note(), *notes],
+                           seconds)
     write_outputs(report, title=title, convention=convention)
     return report
+
+
+def _run_locked(editor: Editor, cases: list[Case], configs: list[Config], out: Path, *,
+                convention: str, use_cache: bool, progress: bool, title: str,
+                notes: Sequence[str], native: bool) -> CompareReport:
+    t_start = time.perf_counter()
+    (out / "raw").mkdir(parents=True, exist_ok=True)
+    rows: list[Row] = []
+    bar = tqdm(total=len(cases) * len(configs), desc="compare", unit="edit", disable=not progress)
+    for group in inversion_groups(configs):
+        rows += run_group(editor, cases, group, out, use_cache=use_cache, convention=convention,
+                          native=native, progress=progress, bar=bar)
+    bar.close()
+    return finish_compare(cases, configs, in_config_order(rows, configs), out, title=title,
+                          notes=notes, convention=convention,
+                          seconds=time.perf_counter() - t_start)
 
 
 # -- tables --------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
@@ -508,4 +509,52 @@ class LoadOptions(_Options):
         for name in ("vae_tiling", "vae_slicing"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+
+
+#: Engines that run ``pivot-edit batch`` and ``compare`` (:mod:`editor.ray_engine`).
+ENGINES = ("local", "ray")
+_ADDRESS = re.compile(r"(ray://)?[A-Za-z0-9_.\-]+:\d{1,5}|\[[0-9A-Fa-f:]+\]:\d{1,5}")
+
+
+@dataclass(frozen=True)
+class EngineOptions(_Options):
+    """Where batch runs and comparisons run.
+
+    - ``engine``: ``local`` (this process, one device) or ``ray`` (one Ray actor per worker,
+      each loading the model once).
+    - ``address``: the Ray cluster to join (``auto``, ``HOST:PORT`` or ``ray://HOST:PORT``);
+      ``None`` starts a local Ray instance sized to this machine and stops it afterwards.
+    - ``workers``: how many actors (default: the local instance's cores, or the cluster's
+      GPUs / ``gpus_per_worker``, or its CPUs).
+    - ``gpus_per_worker``: GPUs each actor reserves (1 for one actor per GPU; 0: CPU).
+    - ``retries``: how many times an item whose worker died is run again before it is
+      recorded as failed.
+    """
+
+    VERB: ClassVar[str] = "engine"
+    #: the fields only the Ray engine uses
+    RAY_ONLY: ClassVar[tuple[str, ...]] = ("address", "workers", "gpus_per_worker")
+
+    engine: str = "local"
+    address: str | None = None
+    workers: int | None = None
+    gpus_per_worker: float = 0.0
+    retries: int = 2
+
+    def check(self) -> EngineOptions:
+        check_choice("engine", self.engine, ENGINES)
+        if self.address is not None and (not isinstance(self.address, str) or not (
+                self.address == "auto" or _ADDRESS.fullmatch(self.address))):
+            raise ValueError(f"address must be 'auto', HOST:PORT or ray://HOST:PORT, got "
+                             f"{self.address!r}")
+        if self.workers is not None:
+            check_int("workers", self.workers, 1, 100_000)
+        self._set("gpus_per_worker",
+                  check_number("gpus_per_worker", self.gpus_per_worker, 0.0, 64.0))
+        check_int("retries", self.retries, 0, 100)
+        if self.engine == "local":
+            given = [k for k in self.RAY_ONLY if getattr(self, k) not in (None, 0.0)]
+            if given:
+                flags = ", ".join("--" + k.replace("_", "-") for k in given)
+                raise ValueError(f"{flags} {'need' if len(given) > 1 else 'needs'} --engine ray")
         return self

@@ -29,6 +29,7 @@ LAYERS: dict[str, int] = {
     "editor.cache": 4, "editor.manifest": 4,
     # 5: batch runs, comparisons, benchmarks
     "editor.batch": 5, "editor.compare": 5, "editor.bench": 5,
+    "editor.ray_engine": 5,
     # 6: the faces a person runs, and the package's public surface
     "editor.cli": 6, "editor.__main__": 6, "editor": 6, "ui.app": 6, "ui": 6,
 }
