@@ -702,3 +702,69 @@ def bench_requirements(arch: str = "sd15", *, device: str | torch.device = "cpu"
                 "the one-step cost's UNet part",
     }
     return out
+
+
+# -- batch throughput per engine (``pivot-edit bench batch``) -------------------------------------
+
+
+def bench_batch(engine: Any, *, model: str = "shapes", device: str | None = None,
+                dtype: str | None = None, threads: int | None = None, items: int = 8,
+                steps: int = 4, method: str = "ddim", out: str | None = None) -> dict[str, Any]:
+    """Items per second of ``pivot-edit batch`` on ``items`` generator scenes (one colour
+    swap each, ``method`` inversion with ``steps`` steps) through ``engine`` (an
+    :class:`~editor.options.EngineOptions`). ``items_per_s`` is over the whole run's wall
+    time, start-up included (Ray's start and every worker's model load, or the local
+    model load); ``busy_items_per_s`` adds up each worker's items per busy second (the
+    rate once they are up). ``out``: the output folder (default: a temporary one)."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from .batch import read_manifest, run_batch
+    from .options import InvertOptions
+
+    if not isinstance(items, int) or isinstance(items, bool) or not 1 <= items <= 10_000:
+        raise ValueError(f"items must be an integer 1..10000, got {items!r}")
+    InvertOptions(method=method, steps=steps)  # checked before any work
+    with tempfile.TemporaryDirectory(prefix="pivot-bench-batch-") as tmp:
+        folder = Path(out) if out else Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        rows = []
+        for i in range(items):
+            s = scenes.sample(9_200_000 + i, n_objects=1, colors=("red",), background="white")
+            s.image.save(folder / f"b{i}.png")
+            rows.append({"id": f"b{i}", "image": str((folder / f"b{i}.png").absolute()),
+                         "prompt": s.caption, "edits": [s.caption.replace("red", "blue", 1)]})
+        manifest = folder / "bench.jsonl"
+        manifest.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        todo = read_manifest(manifest)
+        results = folder / "out"
+        defaults = {"method": method, "steps": steps}
+        load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+        t0 = time.perf_counter()
+        if engine.engine == "ray":
+            from .ray_engine import ModelSpec, run_batch_ray
+
+            report = run_batch_ray(ModelSpec(model, device=device, dtype=dtype, threads=threads),
+                                   todo, results, engine=engine, defaults=defaults,
+                                   progress=False)
+        else:
+            if threads:
+                torch.set_num_threads(threads)
+            report = run_batch(lambda: Editor.from_pretrained(model, device=device, dtype=dtype),
+                               todo, results, defaults=defaults, progress=False)
+        wall = time.perf_counter() - t0
+        summary = json.loads((results / "summary.json").read_text())
+    workers = summary.get("workers", [])
+    failed = [r.id for r in report.failed]
+    return {
+        "engine": engine.engine, "workers_asked": engine.workers, "address": engine.address,
+        "model": model, "items": items, "method": method, "steps": steps,
+        "failed": failed, "wall_seconds": round(wall, 2),
+        "items_per_s": round(items / wall, 4),
+        "busy_items_per_s": round(sum(w.get("items_per_s") or 0 for w in workers), 4),
+        "workers": workers,
+        "load_average_before": load0,
+        "load_average_after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "machine": machine(),
+    }

@@ -680,6 +680,18 @@ def cmd_bench_gpu(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_batch(args: argparse.Namespace) -> int:
+    """Items per second of ``pivot-edit batch`` through one engine; print JSON."""
+    from .bench import bench_batch
+
+    engine = engine_options(args)
+    quiet_libraries()
+    print(json.dumps(bench_batch(engine, model=args.model, device=args.device, dtype=args.dtype,
+                                 threads=args.threads, items=args.items, steps=args.steps,
+                                 method=args.method, out=args.out), indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full ``pivot-edit`` parser; each subparser sets ``func`` to its ``cmd_*``."""
     parser = argparse.ArgumentParser(
@@ -762,6 +774,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads for torch (default: the cores not already busy)")
     p.set_defaults(func=cmd_bench_requirements)
+
+    p = bench_sub.add_parser(
+        "batch", help="items per second of pivot-edit batch through --engine local or ray",
+        description="Run a batch of --items generator scenes (one colour swap each, --method "
+                    "inversion with --steps steps) through one engine and print items per "
+                    "second (wall time, start-up included; and the workers' busy rate), with "
+                    "the machine, as JSON.")
+    add_model_args(p, default="shapes")
+    p.add_argument("--items", type=int, default=8, help="items in the batch (default 8)")
+    p.add_argument("--steps", type=int, default=4, help="DDIM steps (default 4)")
+    p.add_argument("--method", default="ddim", choices=list(METHODS),
+                   help="inversion method (default ddim)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="keep the batch's files here (default: a temporary folder)")
+    add_engine_args(p)
+    p.set_defaults(func=cmd_bench_batch)
 
     p = bench_sub.add_parser(
         "gpu", help="null-text inversion and P2P edit speed at SD 1.5 size (random weights)",

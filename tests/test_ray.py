@@ -344,3 +344,18 @@ def test_killed_driver_then_rerun_resumes_without_redoing(tmp_path):
     for p, stamp in done.items():  # nothing finished before the kill was written again
         assert (p.stat().st_ino, p.stat().st_mtime_ns) == stamp, p
     assert sum(w["items"] for w in summary["workers"]) == 6 - len(complete)
+
+
+def test_bench_batch_local_prints_items_per_second(editor, capsys, monkeypatch):
+    """``pivot-edit bench batch`` (local engine, the session's model): JSON with items/s and
+    the machine named."""
+    monkeypatch.setattr("editor.facade.Editor.from_pretrained", lambda *a, **k: editor)
+    threads = torch.get_num_threads()
+    try:
+        assert cli_main(["bench", "batch", "--items", "2", "--steps", "1", "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    res = json.loads(capsys.readouterr().out)
+    assert res["engine"] == "local" and res["items"] == 2 and res["failed"] == []
+    assert res["items_per_s"] > 0 and res["machine"]["cpu_count"] >= 1
+    assert [w["items"] for w in res["workers"]] == [2]
