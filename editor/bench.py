@@ -707,12 +707,12 @@ def bench_requirements(arch: str = "sd15", *, device: str | torch.device = "cpu"
 # -- batch throughput per engine (``pivot-edit bench batch``) -------------------------------------
 
 
-def bench_batch(engine: Any, *, model: str = "shapes", device: str | None = None,
-                dtype: str | None = None, threads: int | None = None, items: int = 8,
+def bench_batch(engine: Any, load: Any, *, threads: int | None = None, items: int = 8,
                 steps: int = 4, method: str = "ddim", out: str | None = None) -> dict[str, Any]:
     """Items per second of ``pivot-edit batch`` on ``items`` generator scenes (one colour
     swap each, ``method`` inversion with ``steps`` steps) through ``engine`` (an
-    :class:`~editor.options.EngineOptions`). ``items_per_s`` is over the whole run's wall
+    :class:`~editor.options.EngineOptions`) with the model ``load`` names (a
+    :class:`~editor.options.LoadOptions`). ``items_per_s`` is over the whole run's wall
     time, start-up included (Ray's start and every worker's model load, or the local
     model load); ``busy_items_per_s`` adds up each worker's items per busy second (the
     rate once they are up). ``out``: the output folder (default: a temporary one)."""
@@ -745,13 +745,13 @@ def bench_batch(engine: Any, *, model: str = "shapes", device: str | None = None
         if engine.engine == "ray":
             from .ray_engine import ModelSpec, run_batch_ray
 
-            report = run_batch_ray(ModelSpec(model, device=device, dtype=dtype, threads=threads),
+            report = run_batch_ray(ModelSpec(load, threads=threads),
                                    todo, results, engine=engine, defaults=defaults,
                                    progress=False)
         else:
             if threads:
                 torch.set_num_threads(threads)
-            report = run_batch(lambda: Editor.from_pretrained(model, device=device, dtype=dtype),
+            report = run_batch(lambda: Editor.load(load),
                                todo, results, defaults=defaults, progress=False)
         wall = time.perf_counter() - t0
         summary = json.loads((results / "summary.json").read_text())
@@ -759,7 +759,7 @@ def bench_batch(engine: Any, *, model: str = "shapes", device: str | None = None
     failed = [r.id for r in report.failed]
     return {
         "engine": engine.engine, "workers_asked": engine.workers, "address": engine.address,
-        "model": model, "items": items, "method": method, "steps": steps,
+        "model": load.model, "items": items, "method": method, "steps": steps,
         "failed": failed, "wall_seconds": round(wall, 2),
         "items_per_s": round(items / wall, 4),
         "busy_items_per_s": round(sum(w.get("items_per_s") or 0 for w in workers), 4),

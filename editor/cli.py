@@ -227,13 +227,21 @@ def engine_options(args: argparse.Namespace) -> EngineOptions:
 
 
 def model_spec(args: argparse.Namespace):
-    """What each Ray worker loads: the model flags (a local folder made absolute)."""
+    """What each Ray worker loads: the model flags, local files and folders made absolute
+    (a worker's working folder is not this one's)."""
+    import dataclasses
+
+    from .options import LoraSpec
     from .ray_engine import ModelSpec
 
-    model = args.model
-    if model not in ("auto", "shapes") and Path(model).is_dir():
-        model = str(Path(model).absolute())
-    return ModelSpec(model, device=args.device, dtype=args.dtype, threads=args.threads)
+    def here(path: str | None) -> str | None:
+        return str(Path(path).absolute()) if path and Path(path).exists() else path
+
+    opts = load_options(args)
+    model = opts.model if opts.model in ("auto", "shapes") else here(opts.model)
+    opts = dataclasses.replace(opts, model=model, config=here(opts.config), loras=tuple(
+        LoraSpec(here(lo.path), lo.scale) for lo in opts.loras))
+    return ModelSpec(opts, threads=args.threads)
 
 
 def _save_image(image, out: Path) -> Path:
@@ -686,7 +694,8 @@ def cmd_bench_batch(args: argparse.Namespace) -> int:
 
     engine = engine_options(args)
     quiet_libraries()
-    print(json.dumps(bench_batch(engine, model=args.model, device=args.device, dtype=args.dtype,
+    spec = model_spec(args) if engine.engine == "ray" else None
+    print(json.dumps(bench_batch(engine, spec.load if spec else load_options(args),
                                  threads=args.threads, items=args.items, steps=args.steps,
                                  method=args.method, out=args.out), indent=1))
     return 0

@@ -45,7 +45,7 @@ from .batch import (
 )
 from .fileio import OutputLock, check_output_folder, slugify
 from .manifest import BatchItem
-from .options import EngineOptions
+from .options import EngineOptions, LoadOptions
 
 #: How to get the engine (the one line a run without Ray prints).
 RAY_EXTRA = 'pip install "pivot-edit[ray]"'
@@ -68,14 +68,11 @@ def _error_text(exc: BaseException) -> str:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What every worker loads: ``Editor.from_pretrained(model, device=, dtype=)``, with
-    ``threads`` torch CPU threads (``None``: the worker's share of the CPUs). CPU results
-    depend on the thread count: give the local engine the same ``--threads`` to get the
-    same bits."""
+    """What every worker loads, ``Editor.load(load)``, and with how many torch CPU
+    ``threads`` (``None``: the worker's share of the CPUs). CPU results depend on the
+    thread count: give the local engine the same ``--threads`` to get the same bits."""
 
-    model: str
-    device: str | None = None
-    dtype: str | None = None
+    load: LoadOptions
     threads: int | None = None
 
 
@@ -122,8 +119,7 @@ class Worker:
     def _load(self) -> Any:
         from .facade import Editor
 
-        return Editor.from_pretrained(self.spec.model, device=self.spec.device,
-                                      dtype=self.spec.dtype)
+        return Editor.load(self.spec.load)
 
     def info(self) -> dict[str, Any]:
         import torch

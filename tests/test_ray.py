@@ -24,7 +24,7 @@ import torch
 from editor import scenes
 from editor.batch import is_complete_image, read_manifest, run_batch
 from editor.cli import main as cli_main
-from editor.options import EngineOptions
+from editor.options import EngineOptions, LoadOptions
 
 DEFAULTS = {"method": "ddim", "steps": 2}
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,7 +132,7 @@ def test_ray_outputs_equal_local_outputs_and_workers_share_the_cache(ray_local, 
         local = run_batch(editor, items, tmp_path / "local", defaults=DEFAULTS, progress=False)
     finally:
         torch.set_num_threads(threads)
-    report = run_batch_ray(ModelSpec("shapes", device="cpu", threads=1), items,
+    report = run_batch_ray(ModelSpec(LoadOptions(model="shapes", device="cpu"), threads=1), items,
                            tmp_path / "ray", engine=EngineOptions(engine="ray", workers=2),
                            defaults=DEFAULTS, progress=False, manifest=str(m))
     assert local.exit_status == report.exit_status == 1
@@ -154,7 +154,7 @@ def test_ray_outputs_equal_local_outputs_and_workers_share_the_cache(ray_local, 
     assert cache == sorted(p.name for p in (tmp_path / "local/.cache").iterdir())
     assert len(cache) == 4 and all(n.endswith(".safetensors") for n in cache)
     # a rerun has nothing to do: no Ray worker is started
-    again = run_batch_ray(ModelSpec("nonexistent-model"), items[:-1], tmp_path / "ray",
+    again = run_batch_ray(ModelSpec(LoadOptions(model="nonexistent-model")), items[:-1], tmp_path / "ray",
                           engine=EngineOptions(engine="ray"), defaults=DEFAULTS, progress=False)
     assert again.exit_status == 0 and all(r.resumed for r in again.records)
 
@@ -172,7 +172,7 @@ def test_two_workers_invert_one_key_at_once(ray_local, tmp_path):
            "inversion": {"method": "ddim", "steps": 12}}
     items = read_manifest(_manifest(tmp_path, [{**row, "id": "one"}, {**row, "id": "two"}]))
     out = tmp_path / "out"
-    report = run_batch_ray(ModelSpec("shapes", device="cpu", threads=1), items, out,
+    report = run_batch_ray(ModelSpec(LoadOptions(model="shapes", device="cpu"), threads=1), items, out,
                            engine=EngineOptions(engine="ray", workers=2), progress=False)
     assert report.exit_status == 0
     assert [r.inversion_cached for r in report.records] == [False, False]  # they overlapped
@@ -201,7 +201,7 @@ def test_compare_ray_equals_local(ray_local, editor, tmp_path):
         C.run_compare(editor, cases, configs, tmp_path / "local", progress=False)
     finally:
         torch.set_num_threads(threads)
-    with WorkerPool(ModelSpec("shapes", device="cpu", threads=1),
+    with WorkerPool(ModelSpec(LoadOptions(model="shapes", device="cpu"), threads=1),
                     EngineOptions(engine="ray", workers=2)) as pool:
         assert pool.first_info()["native_size"] == editor.native_size
         rep = run_compare_ray(pool, cases, configs, tmp_path / "ray", progress=False)
@@ -349,7 +349,7 @@ def test_killed_driver_then_rerun_resumes_without_redoing(tmp_path):
 def test_bench_batch_local_prints_items_per_second(editor, capsys, monkeypatch):
     """``pivot-edit bench batch`` (local engine, the session's model): JSON with items/s and
     the machine named."""
-    monkeypatch.setattr("editor.facade.Editor.from_pretrained", lambda *a, **k: editor)
+    monkeypatch.setattr("editor.facade.Editor.load", lambda *a, **k: editor)
     threads = torch.get_num_threads()
     try:
         assert cli_main(["bench", "batch", "--items", "2", "--steps", "1", "--threads", "1"]) == 0
