@@ -220,14 +220,15 @@ def inspect_single_file(path: str | Path) -> SingleFileFacts:
                                         "conditioner.embedders.*)")
 
 
-def _check_config_folder(folder: Path) -> dict:
-    """A ``--config`` folder's model_index.json, refused unless it names one of
-    :data:`PIPELINE_CLASSES` and components from :data:`COMPONENT_LIBRARIES` only."""
+def _check_config_folder(folder: Path, what: str = "config folder") -> dict:
+    """A ``--config`` (or model) folder's model_index.json, refused unless it names one of
+    :data:`PIPELINE_CLASSES` and components from :data:`COMPONENT_LIBRARIES` only: a folder
+    never chooses what code is imported."""
     index_file = folder / "model_index.json"
     if not folder.is_dir():
-        raise ValueError(f"config folder {str(folder)!r} does not exist or is not a folder")
+        raise ValueError(f"{what} {str(folder)!r} does not exist or is not a folder")
     if not index_file.is_file():
-        raise ValueError(f"config folder {str(folder)!r} has no model_index.json: pass a "
+        raise ValueError(f"{what} {str(folder)!r} has no model_index.json: pass a "
                          "diffusers model folder (its weights are not needed)")
     try:
         index = json.loads(index_file.read_text())
@@ -235,13 +236,13 @@ def _check_config_folder(folder: Path) -> dict:
         raise ValueError(f"{str(index_file)!r} is not valid JSON ({exc})") from None
     cls = index.get("_class_name") if isinstance(index, dict) else None
     if cls not in PIPELINE_CLASSES:
-        raise ValueError(f"config folder {str(folder)!r} describes a {cls!r}; pivot-edit loads "
+        raise ValueError(f"{what} {str(folder)!r} describes a {cls!r}; pivot-edit loads "
                          f"{' and '.join(PIPELINE_CLASSES)} models only")
     for name, value in index.items():
         if name.startswith("_") or not isinstance(value, list):
             continue
         if value and value[0] is not None and value[0] not in COMPONENT_LIBRARIES:
-            raise ValueError(f"config folder {str(folder)!r}: component {name!r} comes from "
+            raise ValueError(f"{what} {str(folder)!r}: component {name!r} comes from "
                              f"{value[0]!r}; only {', '.join(COMPONENT_LIBRARIES)} components "
                              "are loaded")
     return index
@@ -307,6 +308,19 @@ def load_single_file(path: str, options: LoadOptions, dtype: torch.dtype
     if prediction is not None:
         set_prediction_type(pipe, prediction)
     return pipe, notices
+
+
+def _hub_index(repo_id: str) -> dict | None:
+    """A hub repository's model_index.json (from the cache, or the hub when reachable),
+    checked as a config folder's is; None when it cannot be had (the load then fails with
+    the hub's message)."""
+    try:
+        from huggingface_hub import hf_hub_download
+
+        path = Path(hf_hub_download(repo_id, "model_index.json"))
+    except Exception:  # noqa: BLE001 - offline, unknown repo: the load says so
+        return None
+    return _check_config_folder(path.parent, f"hub model {repo_id!r}:")
 
 
 def set_prediction_type(pipe, prediction_type: str) -> None:
@@ -431,14 +445,20 @@ def build_pipeline(options: LoadOptions, device: torch.device, dtype: torch.dtyp
         pipe, more = load_single_file(location, options, dtype)
         notices += more
     else:
+        from diffusers import StableDiffusionXLPipeline
+
+        folder = Path(location)
+        index = (_check_config_folder(folder, "model folder") if folder.is_dir()
+                 else _hub_index(location))
+        xl = index is not None and index.get("_class_name") == "StableDiffusionXLPipeline"
+        cls = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
+        extra_kw = {} if xl else {"safety_checker": None, "requires_safety_checker": False}
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(
-                location, dtype=dtype, safety_checker=None, requires_safety_checker=False
-            )
+            pipe = cls.from_pretrained(location, dtype=dtype, **extra_kw)
         except ValueError:
             raise
         except Exception as exc:  # hub / filesystem errors: one clear message
-            if Path(location).is_dir():
+            if folder.is_dir():
                 raise ValueError(f"could not load diffusers folder {location!r}: {exc}") from None
             raise ValueError(
                 f"could not load {location!r} from the Hugging Face hub "
