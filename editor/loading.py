@@ -366,7 +366,7 @@ def apply_loras(pipe, loras: tuple[LoraSpec, ...], *, fuse: bool = FUSE_LORAS) -
         for key in sorted(sd):
             t = sd[key]
             h.update(f"{key}:{tuple(t.shape)}:{t.dtype}".encode())
-            h.update(memoryview(t.detach().cpu().contiguous().view(torch.uint8).numpy()))
+            h.update(memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
         name = f"lora{i}"
         before = _lora_param_count(pipe)
         try:

@@ -63,7 +63,7 @@ def weights_fingerprint(pipe, extra: dict | None = None) -> str:
             t = t.detach()
             h.update(f"{key}:{tuple(t.shape)}:{'f' if t.is_floating_point() else t.dtype}".encode())
             t = t.to("cpu", torch.float16) if t.is_floating_point() else t.cpu()
-            h.update(memoryview(t.contiguous().view(torch.uint8).numpy()))
+            h.update(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
     sched = getattr(pipe, "scheduler", None)
     if sched is not None:
         h.update(json.dumps(_semantic_config(sched.config), sort_keys=True, default=str).encode())

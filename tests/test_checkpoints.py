@@ -430,3 +430,50 @@ def test_tiny_sdxl_single_file_round_trip(tiny_sdxl_folder, to_single_file, tmp_
     # without --config the bundled SDXL base config is tried, and does not fit: named
     with pytest.raises(ValueError, match=r"as SDXL base.*--config FOLDER"):
         Model.load(LoadOptions(model=str(path), device="cpu"))
+
+
+def test_cli_generate_with_single_file_and_lora(shapes_file, lora_file, tmp_path, capsys,
+                                                base_image):
+    """The CLI end to end: --model FILE --config FOLDER gives the folder's image; --lora at
+    scale 0 too; a pickle --model is one error line, exit 2."""
+    from PIL import Image
+
+    from editor.cli import main
+
+    out = tmp_path / "a.png"
+    argv = ["generate", PROMPT, "-o", str(out), "--device", "cpu", "--steps", "4", "--seed", "3",
+            "--model", str(shapes_file), "--config", str(bundled_model_path()),
+            "--lora", f"{lora_file}:0"]
+    assert main(argv) == 0
+    assert Image.open(out).convert("RGB").tobytes() == base_image.tobytes()
+    ckpt = tmp_path / "m.ckpt"
+    ckpt.write_bytes(b"pickle")
+    capsys.readouterr()
+    assert main(["generate", PROMPT, "-o", str(tmp_path / "b.png"), "--model", str(ckpt)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("pivot-edit: error: ") and "pickle" in err[0]
+
+
+def test_kohya_layout_lora_fuses_like_the_diffusers_layout(editor, lora_file, tmp_path):
+    """The layout most LoRA files from model sites use (Kohya: ``lora_unet_<module_path>``,
+    ``lora_down`` / ``lora_up`` and ``alpha``), converted by diffusers itself, fuses into the
+    same weights as the diffusers layout (alpha = rank: scale 1)."""
+    from safetensors.torch import load_file
+
+    sd = load_file(str(lora_file))
+    kohya = {}
+    for key, t in sd.items():
+        module = key.removeprefix("unet.").rsplit(".lora_", 1)[0]
+        name = "lora_unet_" + module.replace(".", "_")
+        kohya[f"{name}.{'lora_down' if '.lora_A.' in key else 'lora_up'}.weight"] = t
+        kohya[f"{name}.alpha"] = torch.tensor(4.0)
+    path = tmp_path / "kohya.safetensors"
+    save_file(kohya, str(path))
+    a = Editor.from_pretrained("shapes", device="cpu", loras=[str(lora_file)])
+    b = Editor.from_pretrained("shapes", device="cpu", loras=[str(path)])
+    wa, wb = a.pipe.unet.state_dict(), b.pipe.unet.state_dict()
+    assert wa.keys() == wb.keys()
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5
+    assert not torch.equal(wa["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"],
+                           editor.pipe.unet.state_dict()[
+                               "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"])
