@@ -24,6 +24,14 @@ Per scene and configuration:
   non-decreasing is reported too). Also per scale: the shape read by the checker (kept
   = the source's shape) and the older "named-color amount" (image mean of saturation x
   ``max(0, cos(hue - the word's hue))**4``).
+- reweight on the graded attribute (``--reweight-attr size``): scenes drawn with a size
+  word (``scenes.sample(seed, n_objects=1, graded=1.0)``, small or big), the size word
+  scaled. Measure = the object's area in pixels (``scenes.object_sizes``, the generator's
+  graded quantity) signed by the word (``big``: larger is more of it; ``small``: smaller
+  is); monotonic as above with a tolerance of 1% of the source object's area, and
+  ``moved`` when the area changes by more than 5% of it over the scales.
+
+``--model`` takes ``shapes`` (default) or a diffusers folder (a retrained bundled model).
 """
 
 from __future__ import annotations
@@ -143,10 +151,14 @@ def invert_cached(editor, samples, method: str, steps: int, cache: Path | None):
 
 def measure(editor, *, seeds: list[int], n_shape: int, method: str, steps: int, configs: list[str],
             scales: list[float], n_reweight: int, cache: Path | None,
-            reweight_seed: int | None = None) -> dict:
+            reweight_seed: int | None = None, reweight_attr: str = "color") -> dict:
     samples = [(sd, scenes.sample(sd, n_objects=1)) for sd in seeds] if configs else []
     first = seeds[0] if reweight_seed is None else reweight_seed
-    rw_samples = [(sd, scenes.sample(sd, n_objects=1)) for sd in range(first, first + n_reweight)]
+    graded = 1.0 if reweight_attr == "size" else 0.0
+    rw_samples = [(sd, scenes.sample(sd, n_objects=1, graded=graded))
+                  for sd in range(first, first + n_reweight)]
+    if graded:  # cached inversions are keyed by seed: keep graded scenes apart
+        cache = cache / "graded" if cache else None
     t0 = time.perf_counter()
     invs = invert_cached(editor, list({sd: s for sd, s in samples + rw_samples}.items()),
                          method, steps, cache)
@@ -199,7 +211,24 @@ def measure(editor, *, seeds: list[int], n_shape: int, method: str, steps: int, 
                                centroid_shift_px=round(moved, 2))
                 rows.append(row)
     reweight = []
-    for seed, s in rw_samples:
+    for seed, s in rw_samples if reweight_attr == "size" else []:
+        obj = s.scene.objects[0]
+        src_area = float((s.masks[0] > 0.5).sum())
+        imgs = [editor.edit(invs[seed], s.caption, EditOptions(reweight={obj.grade: sc}),
+                            progress=False).image
+                for sc in scales]
+        area = [scenes.object_sizes(im, 1)[0] for im in imgs]
+        sign = 1.0 if obj.grade == scenes.GRADES[-1] else -1.0
+        signed = [sign * a for a in area]
+        reweight.append({
+            "seed": seed, "word": obj.grade, "color": obj.color, "shape": obj.shape,
+            "scales": scales, "source_area": src_area, "area": area,
+            "monotonic": monotonic(signed, 0.01 * src_area),
+            "strictly_non_decreasing": monotonic(signed),
+            "moved": bool(max(area) - min(area) > 0.05 * src_area),
+            "read_shapes": [scenes.check_image(im, s.scene).shapes[0] for im in imgs],
+        })
+    for seed, s in rw_samples if reweight_attr == "color" else []:
         obj = s.scene.objects[0]
         src_mask = s.masks[0] > 0.5
         imgs = [editor.edit(invs[seed], s.caption, EditOptions(reweight={obj.color: sc}),
@@ -239,7 +268,22 @@ def summarize(rows: list[dict], reweight: list[dict]) -> dict:
                 d["success_with_color_and_position"] = round(float(np.mean(
                     [r["success"] and r["color_kept"] and r["centroid_shift_px"] <= 4 for r in sel])), 3)
             out[f"{cfg}/{kind}"] = d
-    if reweight:
+    if reweight and "area" in reweight[0]:  # the graded attribute
+        kept = np.array([[sh == r["shape"] for sh in r["read_shapes"]] for r in reweight])
+        out["reweight_size"] = {
+            "n": len(reweight), "scales": reweight[0]["scales"],
+            "monotonic": round(float(np.mean([r["monotonic"] for r in reweight])), 3),
+            "monotonic_count": int(sum(r["monotonic"] for r in reweight)),
+            "monotonic_and_moved_count": int(sum(r["monotonic"] and r["moved"] for r in reweight)),
+            "strictly_non_decreasing": round(float(np.mean(
+                [r["strictly_non_decreasing"] for r in reweight])), 3),
+            "area_over_source_mean": {w: [round(float(v), 3) for v in np.mean(
+                [np.array(r["area"]) / max(r["source_area"], 1) for r in reweight
+                 if r["word"] == w], axis=0)] for w in scenes.GRADES
+                if any(r["word"] == w for r in reweight)},
+            "shape_kept": [round(float(v), 3) for v in kept.mean(0)],
+        }
+    elif reweight:
         scales = reweight[0]["scales"]
         share = np.array([r["named_color_share"] for r in reweight])
         kept = np.array([[sh == r["shape"] for sh in r["read_shapes"]] for r in reweight])
@@ -289,18 +333,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", type=Path, default=None, help="folder for cached inversions")
     ap.add_argument("--grid", type=Path, default=None, help="write a picture grid PNG here")
     ap.add_argument("--rows", action="store_true", help="include per-edit rows in the JSON")
+    ap.add_argument("--reweight-attr", choices=["color", "size"], default="color",
+                    help="reweight the colour word, or the size word of graded scenes")
+    ap.add_argument("--model", default="shapes", help="'shapes' or a diffusers folder")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = ap.parse_args(argv)
 
     from editor import Editor
     from editor.cli import quiet_libraries
 
     quiet_libraries()
-    editor = Editor.from_pretrained("shapes", device="cpu")
+    editor = Editor.from_pretrained(args.model, device=args.device)
     t0 = time.perf_counter()
     seeds = list(range(args.seed, args.seed + args.n_color))
     res = measure(editor, seeds=seeds, n_shape=args.n_shape, method=args.method, steps=args.steps,
                   configs=args.configs, scales=args.scales, n_reweight=args.n_reweight,
-                  cache=args.cache, reweight_seed=args.reweight_seed)
+                  cache=args.cache, reweight_seed=args.reweight_seed,
+                  reweight_attr=args.reweight_attr)
     if args.grid:
         save_grid(res["grid"], args.grid)
     out = {"method": args.method, "steps": args.steps, "seeds": seeds,
@@ -309,7 +359,12 @@ def main(argv: list[str] | None = None) -> int:
            "seconds": round(time.perf_counter() - t0, 1)}
     if args.rows:
         out["rows"] = res["rows"]
-    print(json.dumps(out, indent=1))
+    out["model"] = args.model
+    text = json.dumps(out, indent=1)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+    print(text)
     return 0
 
 

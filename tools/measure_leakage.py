@@ -281,11 +281,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="edit with P2P's automatic local blend ('blend') and/or without")
     ap.add_argument("--variants", default="", help="comma-separated subset of variant names")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--model", default="shapes", help="'shapes' or a diffusers folder")
     ap.add_argument("--out", default=None, help="also write the JSON here (after each part)")
     args = ap.parse_args(argv)
-    editor = Editor.from_pretrained("shapes", device=args.device)
+    editor = Editor.from_pretrained(args.model, device=args.device)
     want = set(args.variants.split(",")) if args.variants else None
-    result: dict = {"steps": args.steps, "guidance": args.guidance, "first_seed": args.first_seed,
+    result: dict = {"model": args.model, "steps": args.steps, "guidance": args.guidance,
+                    "first_seed": args.first_seed,
                     "protected": "second object", "device": str(editor.device)}
 
     def dump() -> None:

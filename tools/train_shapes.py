@@ -7,12 +7,21 @@ Three stages, all seeded:
 2. UNet (``UNet2DConditionModel``) and CLIP text encoder (``CLIPTextModel``, over the
    real CLIP tokenizer) trained jointly for epsilon prediction on SD's
    scaled-linear betas, captions dropped 10% of the time (classifier-free
-   guidance), EMA weights kept.
+   guidance), EMA weights kept. With ``--text-from DIR --freeze-text`` the text
+   encoder is instead loaded (e.g. the CLIP-style pre-trained one of
+   ``tools/train_clip.py``) and kept **frozen**, as Stable Diffusion keeps CLIP;
+   only the UNet trains.
 3. The folder is written with ``StableDiffusionPipeline.save_pretrained`` (fp16
    safetensors, DDIM scheduler with SD's settings) and evaluated with the
    generator's ground truth (``editor.scenes.check_image``).
 
     python tools/train_shapes.py --out assets/shapes --bpe bpe_simple_vocab_16e6.txt.gz
+    # v3 recipe: frozen contrastive text encoder, size words in 30% of captions
+    python tools/train_shapes.py --out v3 --tokenizer-from clip/tokenizer \
+        --text-from clip/text_encoder --freeze-text --graded 0.3 --vae-from assets/shapes
+
+``--image-size``, ``--vae-channels``, ``--unet-channels`` and ``--layers-per-block``
+shrink the model for CPU prototypes (``tools/train_v3_gpu.py --preset cpu-prototype``).
 
 Writes ``train_log.json`` (steps, seconds, losses, fidelity) into the folder.
 """
@@ -50,25 +59,52 @@ UNET_CFG = dict(sample_size=IMAGE // 4, in_channels=4, out_channels=4, layers_pe
                 down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
                 cross_attention_dim=64, attention_head_dim=4, norm_num_groups=32)
+
+
+def _channels(text: str) -> tuple[int, ...]:
+    return tuple(int(c) for c in str(text).split(","))
+
+
+def vae_config(args) -> dict:
+    """``VAE_CFG`` at ``args.image_size`` with ``args.vae_channels``."""
+    ch = _channels(args.vae_channels)
+    return {**VAE_CFG, "sample_size": args.image_size, "block_out_channels": ch,
+            "norm_num_groups": min(32, min(ch))}
+
+
+def unet_config(args, cross_dim: int = 64) -> dict:
+    """``UNET_CFG`` at ``args.image_size`` (latents a quarter of it) with ``args.unet_channels``
+    and ``args.layers_per_block``; ``cross_dim`` is the text encoder's width."""
+    ch = _channels(args.unet_channels)
+    return {**UNET_CFG, "sample_size": args.image_size // 4, "block_out_channels": ch,
+            "layers_per_block": args.layers_per_block, "norm_num_groups": min(32, min(ch)),
+            "cross_attention_dim": cross_dim}
 TEXT_CFG = dict(vocab_size=49408, hidden_size=64, intermediate_size=256, num_hidden_layers=4,
                 num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu",
                 bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
 
 
-def _make(seed: int, two_object: float = 0.6) -> tuple[np.ndarray, str]:
+def _make(seed: int, two_object: float = 0.6, size: int = IMAGE, graded: float = 0.0
+          ) -> tuple[np.ndarray, str]:
     rng = np.random.default_rng(seed)
     # two-object scenes are the hard part (binding colour and side)
     n = 2 if rng.random() < two_object else 1
-    scene = scenes.random_scene(rng, size=IMAGE, n_objects=n)
+    # graded: share of objects with a size word (editor.scenes, "small"/"big")
+    scene = scenes.random_scene(rng, size=size, n_objects=n, graded=graded)
     img, _ = scene.render()
     return np.asarray(img), scene.caption()
 
 
-def make_dataset(n: int, seed: int, workers: int, two_object: float = 0.6
-                 ) -> tuple[torch.Tensor, list[str]]:
-    seeds = [seed * 10_000_000 + i for i in range(n)]
-    with Pool(workers) as pool:
-        out = pool.map(partial(_make, two_object=two_object), seeds, chunksize=512)
+def make_dataset(n: int, seed: int, workers: int, two_object: float = 0.6, size: int = IMAGE,
+                 graded: float = 0.0, offset: int = 0) -> tuple[torch.Tensor, list[str]]:
+    """``n`` scenes of seeds ``seed * 10_000_000 + offset + i``: uint8 images and captions."""
+    seeds = [seed * 10_000_000 + offset + i for i in range(n)]
+    fn = partial(_make, two_object=two_object, size=size, graded=graded)
+    if workers <= 1:
+        out = [fn(s) for s in seeds]
+    else:
+        with Pool(workers) as pool:
+            out = pool.map(fn, seeds, chunksize=max(1, min(512, n // workers)))
     imgs = torch.from_numpy(np.stack([o[0] for o in out])).permute(0, 3, 1, 2).contiguous()
     return imgs, [o[1] for o in out]
 
@@ -95,7 +131,7 @@ def train_vae(imgs, args, dev, log):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(args.seed)
-    vae = AutoencoderKL(**VAE_CFG).to(dev)
+    vae = AutoencoderKL(**vae_config(args)).to(dev)
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(args.seed + 1)
     t0 = time.time()
@@ -138,8 +174,9 @@ def encode_all(vae, imgs, dev, batch=512) -> torch.Tensor:
 
 
 @torch.no_grad()
-def vae_psnr(vae, dev, n=256, seed=999_000) -> float:
-    imgs = torch.from_numpy(np.stack([_make(seed + i)[0] for i in range(n)])).permute(0, 3, 1, 2)
+def vae_psnr(vae, dev, n=256, seed=999_000, size: int = IMAGE) -> float:
+    imgs = torch.from_numpy(np.stack([_make(seed + i, size=size)[0] for i in range(n)]))
+    imgs = imgs.permute(0, 3, 1, 2)
     vals = []
     for i in range(0, n, 64):
         x = to_unit(imgs[i : i + 64].to(dev))
@@ -156,22 +193,34 @@ def train_unet(latents, captions, tokenizer, args, dev, log):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(args.seed + 2)
-    unet = UNet2DConditionModel(**UNET_CFG).to(dev)
-    text = CLIPTextModel(CLIPTextConfig(**TEXT_CFG)).to(dev)
+    if args.text_from:
+        text = CLIPTextModel.from_pretrained(args.text_from, torch_dtype=torch.float32).to(dev)
+    else:
+        text = CLIPTextModel(CLIPTextConfig(**TEXT_CFG)).to(dev)
+    # the UNet is drawn first from the same seed whatever the text encoder, so a joint and
+    # a frozen run start from the same UNet weights
+    torch.manual_seed(args.seed + 2)
+    unet = UNet2DConditionModel(**unet_config(args, text.config.hidden_size)).to(dev)
+    frozen = bool(args.freeze_text)
+    if frozen:
+        text.eval().requires_grad_(False)
     noise_sched = DDPMScheduler(**SD_BETAS)
     acp = noise_sched.alphas_cumprod.to(dev)
     snr = acp / (1 - acp)
     # Min-SNR-gamma weighting for epsilon prediction (Hang et al. 2023, eq. 10):
     # w_t = min(SNR_t, gamma) / SNR_t; gamma 0 turns it off.
     weight = (snr.clamp(max=args.min_snr) / snr) if args.min_snr else torch.ones_like(snr)
-    params = list(unet.parameters()) + list(text.parameters())
+    params = list(unet.parameters()) + ([] if frozen else list(text.parameters()))
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2,
                             fused=dev.type == "cuda")
-    ema_u, ema_t = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text).requires_grad_(False)
-    ema_params = list(ema_u.parameters()) + list(ema_t.parameters())
-    ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True,
+    ema_u = copy.deepcopy(unet).requires_grad_(False)
+    ema_t = text if frozen else copy.deepcopy(text).requires_grad_(False)
+    ema_params = list(ema_u.parameters()) + ([] if frozen else list(ema_t.parameters()))
+    length = int(tokenizer.model_max_length)
+    ids = tokenizer(captions, padding="max_length", max_length=length, truncation=True,
                     return_tensors="pt").input_ids.to(dev)
-    empty = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids[0]
+    empty = tokenizer([""], padding="max_length", max_length=length,
+                      return_tensors="pt").input_ids[0]
     empty = empty.to(dev)
     latents = (latents * log["scaling_factor"]).to(dev)  # all data on the device: no copies per step
     g = torch.Generator(dev).manual_seed(args.seed + 3)
@@ -191,7 +240,11 @@ def train_unet(latents, captions, tokenizer, args, dev, log):
         a = acp[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            emb = text(tok)[0]
+            if frozen:
+                with torch.no_grad():
+                    emb = text(tok)[0]
+            else:
+                emb = text(tok)[0]
             pred = unet(zt, t, encoder_hidden_states=emb).sample
         loss = (weight[t] * (pred.float() - noise).pow(2).mean(dim=(1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
@@ -206,22 +259,27 @@ def train_unet(latents, captions, tokenizer, args, dev, log):
         step += 1
     log["unet_steps"] = total
     log["unet_seconds"] = time.time() - t0
+    log["text_encoder"] = f"frozen, from {args.text_from}" if frozen else (
+        f"trained jointly, initialised from {args.text_from}" if args.text_from
+        else "trained jointly from scratch")
     return ema_u.eval(), ema_t.eval()
 
 
 @torch.no_grad()
-def fidelity(pipe, dev, n_single: int, n_double: int, seed: int = 5_000_000, steps: int = 50) -> dict:
+def fidelity(pipe, dev, n_single: int, n_double: int, seed: int = 5_000_000, steps: int = 50,
+             size: int = IMAGE) -> dict:
     """Generate from held-out captions and check colour, shape and sides."""
     res = {}
     for n_obj, count in ((1, n_single), (2, n_double)):
-        sc = [scenes.random_scene(np.random.default_rng(seed + n_obj * 100_000 + i), n_objects=n_obj)
+        sc = [scenes.random_scene(np.random.default_rng(seed + n_obj * 100_000 + i),
+                                  n_objects=n_obj, size=size)
               for i in range(count)]
         color = shape = both = 0
         for i in range(0, count, 64):
             chunk = sc[i : i + 64]
             gens = [torch.Generator(dev).manual_seed(seed + i + j) for j in range(len(chunk))]
             imgs = pipe([s.caption() for s in chunk], num_inference_steps=steps,
-                        guidance_scale=7.5, generator=gens, height=IMAGE, width=IMAGE).images
+                        guidance_scale=7.5, generator=gens, height=size, width=size).images
             for img, s in zip(imgs, chunk, strict=True):
                 c = scenes.check_image(img, s)
                 color += c.color_ok
@@ -234,10 +292,61 @@ def fidelity(pipe, dev, n_single: int, n_double: int, seed: int = 5_000_000, ste
     return res
 
 
+def shares(captions: list[str]) -> dict:
+    """What the training captions hold: share of two-object scenes and of size words."""
+    n = max(1, len(captions))
+    return {"two_object": sum(" and " in c for c in captions) / n,
+            "size_word": sum(any(f" {g} " in f" {c} " for g in scenes.GRADES) for c in captions) / n}
+
+
+def _cache_key(args) -> dict:
+    return {k: str(getattr(args, k)) for k in ("dataset", "seed", "two_object", "image_size",
+                                                 "graded", "vae_from")}
+
+
+def save_cache(args, lat: torch.Tensor, captions: list[str]) -> None:
+    from safetensors.torch import save_file
+
+    args.data_cache.mkdir(parents=True, exist_ok=True)
+    save_file({"latents": lat.contiguous()}, str(args.data_cache / "latents.safetensors"))
+    (args.data_cache / "data.json").write_text(json.dumps({"key": _cache_key(args),
+                                                           "captions": captions}))
+
+
+def load_cache(args) -> tuple[torch.Tensor, list[str]] | None:
+    """Latents and captions of an earlier run with the same data arguments, or None."""
+    meta = args.data_cache / "data.json"
+    if not meta.is_file():
+        return None
+    data = json.loads(meta.read_text())
+    if data["key"] != _cache_key(args):
+        return None
+    from safetensors.torch import load_file
+
+    return load_file(str(args.data_cache / "latents.safetensors"))["latents"], data["captions"]
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("assets/shapes"))
-    p.add_argument("--bpe", type=Path, required=True, help="CLIP's bpe_simple_vocab_16e6.txt.gz")
+    p.add_argument("--bpe", type=Path, default=None, help="CLIP's bpe_simple_vocab_16e6.txt.gz")
+    p.add_argument("--tokenizer-from", type=Path, default=None,
+                   help="copy this CLIPTokenizer folder instead of building one from --bpe")
+    p.add_argument("--text-from", type=Path, default=None,
+                   help="load the text encoder from this CLIPTextModel folder (train_clip.py)")
+    p.add_argument("--freeze-text", action="store_true",
+                   help="keep the text encoder frozen (needs --text-from): only the UNet trains")
+    p.add_argument("--graded", type=float, default=0.0,
+                   help="probability that an object's caption gets a size word (small/big)")
+    p.add_argument("--image-size", type=int, default=IMAGE)
+    p.add_argument("--vae-channels", default="32,64,128")
+    p.add_argument("--unet-channels", default="64,128,128")
+    p.add_argument("--layers-per-block", type=int, default=2)
+    p.add_argument("--eval-steps", type=int, default=50, help="DDIM steps of the evaluation")
+    p.add_argument("--psnr-scenes", type=int, default=256, help="held-out scenes for the VAE PSNR")
+    p.add_argument("--data-cache", type=Path, default=None,
+                   help="with --vae-from: keep the scenes' captions and latents here (safetensors "
+                        "+ JSON) and reuse them when the data arguments match (side-by-side runs)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dataset", type=int, default=100_000)
@@ -261,6 +370,10 @@ def main(argv=None) -> None:
                    help="reuse the VAE (and its scaling factor) of an earlier run's folder")
     p.add_argument("--eval", type=int, default=128, help="held-out prompts per object count")
     args = p.parse_args(argv)
+    if (args.bpe is None) == (args.tokenizer_from is None):
+        p.error("give exactly one of --bpe and --tokenizer-from")
+    if args.freeze_text and not args.text_from:
+        p.error("--freeze-text needs --text-from (a frozen random encoder means nothing)")
 
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTokenizer
@@ -272,13 +385,23 @@ def main(argv=None) -> None:
     log = {"args": {k: str(v) for k, v in vars(args).items()}, "device": str(dev)}
     if dev.type == "cuda":
         log["device_name"] = torch.cuda.get_device_name()
-    build_tokenizer(args.bpe, args.out / "tokenizer")
+    if args.tokenizer_from:
+        CLIPTokenizer.from_pretrained(args.tokenizer_from).save_pretrained(args.out / "tokenizer")
+    else:
+        build_tokenizer(args.bpe, args.out / "tokenizer")
     tokenizer = CLIPTokenizer.from_pretrained(args.out / "tokenizer")
 
+    cached = load_cache(args) if args.data_cache and args.vae_from else None
     t = time.time()
-    imgs, captions = make_dataset(args.dataset, args.seed, args.workers, args.two_object)
+    if cached is None:
+        imgs, captions = make_dataset(args.dataset, args.seed, args.workers, args.two_object,
+                                      args.image_size, args.graded)
+    else:
+        imgs, (lat, captions) = None, cached
+        log["data_cache"] = str(args.data_cache)
     log["data_seconds"] = time.time() - t
-    print(f"dataset {len(imgs)} in {log['data_seconds']:.0f}s", flush=True)
+    log["captions"] = shares(captions)
+    print(f"dataset {len(captions)} in {log['data_seconds']:.0f}s", flush=True)
 
     if args.vae_from:
         from diffusers import AutoencoderKL
@@ -289,12 +412,15 @@ def main(argv=None) -> None:
         earlier = json.loads((args.vae_from / "train_log.json").read_text())
         log.update({k: earlier[k] for k in ("vae_steps", "vae_seconds") if k in earlier})
         log["vae_from"] = str(args.vae_from)
-        log["vae_psnr_db"] = vae_psnr(vae, dev)
-        lat = encode_all(vae, imgs, dev)
+        log["vae_psnr_db"] = vae_psnr(vae, dev, n=args.psnr_scenes, size=args.image_size)
+        if cached is None:
+            lat = encode_all(vae, imgs, dev)
+            if args.data_cache:
+                save_cache(args, lat, captions)
         log["scaling_factor"] = float(vae.config.scaling_factor)
     else:
         vae = train_vae(imgs, args, dev, log)
-        log["vae_psnr_db"] = vae_psnr(vae, dev)
+        log["vae_psnr_db"] = vae_psnr(vae, dev, n=args.psnr_scenes, size=args.image_size)
         lat = encode_all(vae, imgs, dev)
         log["scaling_factor"] = float(1.0 / lat.std())
         vae.register_to_config(scaling_factor=log["scaling_factor"])
@@ -310,7 +436,8 @@ def main(argv=None) -> None:
     pipe.to(torch.float32)
     if args.eval:
         t = time.time()
-        log["fidelity"] = fidelity(pipe, dev, args.eval, args.eval)
+        log["fidelity"] = fidelity(pipe, dev, args.eval, args.eval, steps=args.eval_steps,
+                                   size=args.image_size)
         log["eval_seconds"] = time.time() - t
     log["total_seconds"] = time.time() - T0
     (args.out / "train_log.json").write_text(json.dumps(log, indent=1))
