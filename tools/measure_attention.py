@@ -224,9 +224,32 @@ def measure(editor: Editor, mode: str, n: int, n_two: int, seed: int, *, steps: 
     return out
 
 
+def markdown_table(result: dict) -> str:
+    """The docs' table: one row per model and mode."""
+    head = ("| model | mode | padding share | EOS | BOS | words | 1 obj: colour IoU | 1 obj: shape IoU "
+            "| 1 obj: both words hit | 2 obj: colour IoU | 2 obj: shape IoU | 2 obj: all words hit |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name, entry in result["models"].items():
+        for mode in ("generate", "noised"):
+            r = entry.get(mode)
+            if not r:
+                continue
+            sh, one, two = r["shares"], r.get("single", {}), r.get("two", {})
+
+            def f(d, k, pct=False):
+                return "-" if k not in d else (f"{100 * d[k]:.0f}%" if pct else f"{d[k]:.2f}")
+
+            lines.append(f"| {name} | {mode} | {f(sh, 'padding', True)} | {f(sh, 'eos', True)} | "
+                         f"{f(sh, 'bos', True)} | {f(sh, 'words', True)} | "
+                         f"{f(one, 'iou_color_mean')} | {f(one, 'iou_shape_mean')} | "
+                         f"{f(one, 'hit_scene', True)} | {f(two, 'iou_color_mean')} | "
+                         f"{f(two, 'iou_shape_mean')} | {f(two, 'hit_scene', True)} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", action="append", required=True,
+    ap.add_argument("--model", action="append", default=[],
                     help="'shapes' or a diffusers folder; repeat to compare models")
     ap.add_argument("--name", action="append", default=None,
                     help="a label per --model (default: the model argument)")
@@ -243,7 +266,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--device", default=None)
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    ap.add_argument("--table", type=Path, default=None,
+                    help="print the markdown table of this earlier JSON output and exit")
     args = ap.parse_args(argv)
+    if args.table:
+        result = json.loads(args.table.read_text())
+        print(markdown_table(result))
+        return result
+    if not args.model:
+        ap.error("give at least one --model (or --table JSON)")
     names = args.name or args.model
     if len(names) != len(args.model):
         ap.error("give one --name per --model")

@@ -26,8 +26,8 @@ small UNet, a thousand steps; the docs/model_v3.md prototype), ``smoke`` (a few 
 everything, for tests). Every stage's arguments can be seen with ``--dry-run``.
 
     python tools/train_v3_gpu.py --out v3 --device cuda                      # everything
-    python tools/train_v3_gpu.py --out v3 --device cuda --stages clip,unet   # first call
-    python tools/train_v3_gpu.py --out v3 --device cuda --stages attention,remeasure
+    python tools/train_v3_gpu.py --out v3 --device cuda --stages clip,unet   # ~9 min, H200
+    python tools/train_v3_gpu.py --out v3 --device cpu --stages attention,remeasure
     python tools/train_v3_gpu.py --out /tmp/s --preset smoke --device cpu    # test
 """
 
@@ -51,10 +51,12 @@ STAGES = ("clip", "unet", "joint", "attention", "remeasure")
 #: per preset: arguments of each training stage and of the measurements
 PRESETS: dict[str, dict] = {
     "gpu": {
-        "clip": ["--dataset", "200000", "--steps", "8000", "--batch", "1024", "--lr", "1e-3",
-                 "--two-object", "0.7", "--graded", "0.3", "--budget", "150", "--eval", "256"],
+        # budgets: clip + unet fit one 10-minute device call on an H200 (v2's UNet stage:
+        # 441 s for 3370 steps of batch 1024 with the text encoder training too)
+        "clip": ["--dataset", "100000", "--steps", "8000", "--batch", "1024", "--lr", "1e-3",
+                 "--two-object", "0.7", "--graded", "0.3", "--budget", "90", "--eval", "256"],
         "unet": ["--dataset", "200000", "--unet-steps", "100000", "--batch", "1024",
-                 "--lr", "7e-4", "--unet-budget", "400", "--two-object", "0.7",
+                 "--lr", "7e-4", "--unet-budget", "350", "--two-object", "0.7",
                  "--graded", "0.3", "--eval", "256"],
         "attention": ["--n", "64", "--n-two", "32", "--steps", "50", "--batch", "32"],
         "joint": False,
