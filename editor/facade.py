@@ -142,7 +142,15 @@ class Editor:
 
     def fast_path(self, mode: str | None) -> FastPath | None:
         """The editor's own :class:`FastPath` for ``mode`` (``None``/``"auto"``/a mode name),
-        made once per mode so that its prepared UNets and captured graphs are reused."""
+        made once per mode so that its prepared UNets and captured graphs are reused.
+        An offloaded model (``offload``) moves its weights while it runs, which static buffers
+        and captured graphs cannot follow: ``"auto"`` is then the plain loop, a named mode an
+        error."""
+        if mode is not None and self.model.execution_device is not None:
+            if mode == "auto":
+                return None
+            raise ValueError(f"fast={mode!r} needs the UNet's weights to stay on the GPU; this "
+                             "model was loaded with --offload: drop one of the two")
         key = (mode, str(self.device))
         with self._fast_lock:
             if key not in self._fast:

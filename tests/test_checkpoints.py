@@ -477,3 +477,21 @@ def test_kohya_layout_lora_fuses_like_the_diffusers_layout(editor, lora_file, tm
     assert not torch.equal(wa["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"],
                            editor.pipe.unet.state_dict()[
                                "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"])
+
+
+def test_offloaded_model_takes_the_plain_null_text_loop():
+    ed = Editor.from_pretrained("shapes", device="cpu")
+    apply_memory_options(ed.pipe, LoadOptions(offload="model"), torch.device("cpu"))
+    ed.model.execution_device = torch.device("cpu")
+    assert ed.fast_path("auto") is None and ed.fast_path(None) is None
+    with pytest.raises(ValueError, match="loaded with --offload"):
+        ed.fast_path("cuda-graph")
+
+
+def test_web_app_model_line_names_the_loras(lora_file):
+    pytest.importorskip("gradio")
+    from ui.app import model_markdown
+
+    ed = Editor.from_pretrained("shapes", device="cpu", loras=[f"{lora_file}:0.5"])
+    text = model_markdown(ed)
+    assert f"LoRA `{lora_file.name}` x 0.5" in text and ed.fingerprint in text

@@ -321,6 +321,13 @@ def model_markdown(editor: Editor) -> str:
         f"**Model:** `{editor.model_id}` · fingerprint `{editor.fingerprint}` · "
         f"{editor.device} / {dtype} · native size {editor.native_size} px"
     )
+    load = getattr(getattr(editor, "model", None), "load_options", None)
+    if load is not None and load.loras:  # fused in: part of the fingerprint
+        names = ", ".join(f"`{Path(lo.path).name.replace('`', '')}` x {lo.scale:g}"
+                          for lo in load.loras)
+        text += f" · LoRA {names}"
+    if load is not None and load.offload != "none":
+        text += f" · offload {load.offload}"
     if getattr(editor, "is_bundled", editor.model_id == "shapes"):
         text += (
             "\n\n> **Bundled demo model:** it only knows simple shapes (circle, square, triangle "
