@@ -599,6 +599,39 @@ def test_browser_busy_buttons_and_cancel(served, examples, tmp_path):
             browser.close()
 
 
+def test_a_brushed_editor_value_edits_at_full_size_inside_the_strokes(ctx, tmp_path):
+    """The mask editor's value as the browser sends it (the upload as background, one RGBA
+    layer of brush strokes over the left object of a 300x200 scene): the edit comes back at
+    300x200, the painted object changed colour, the other did not, and pixels far from the
+    strokes are the upload's own. (The browser test below paints the same through the page;
+    it is slow because headless Chromium's canvas is.)"""
+    from PIL import ImageDraw
+
+    sc = scenes.sample(70_003, n_objects=2).scene
+    photo, masks = scenes.render_at(sc, 300, 200)
+    path = tmp_path / "two.png"
+    photo.save(path)
+    left, right = sc.objects
+    new = next(c for c in ("green", "yellow", "red", "blue") if c not in (left.color, right.color))
+    target = sc.caption().replace(f"{left.color} {left.shape}", f"{new} {left.shape}", 1)
+    session = invert(ctx, str(path), sc.caption(), "ddim", STEPS, 7.5, None)[4]
+    layer = Image.new("RGBA", photo.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(layer)
+    ox, oy = left.center[0] * 300 / 64, left.center[1] * 200 / 64
+    r = left.radius * 200 / 64 + 6
+    for dy in range(-int(r), int(r) + 1, 6):  # brush rows 8 px wide (Gradio's auto radius 4)
+        draw.line([(ox - r, oy + dy), (ox + r, oy + dy)], fill=(255, 0, 128, 153), width=8)
+    value = {"background": photo, "layers": [layer], "composite": photo}
+    *_, png, status, _, _native = edit(ctx, target, 0.8, 0.4, True, "", "", "", "replace", 0.5,
+                                       session, value)
+    out = Image.open(png).convert("RGB")
+    assert out.size == photo.size == (300, 200)
+    assert scenes.classify_color(out, masks[0] > 0.5) == new
+    assert scenes.classify_color(out, masks[1] > 0.5) == right.color
+    assert np.array_equal(np.asarray(out)[:, 200:], np.asarray(photo)[:, 200:])
+
+
+@pytest.mark.slow
 @pytest.mark.browser
 def test_browser_brush_a_mask_edit_and_download_at_full_size(served, tmp_path):
     """Upload a two-object scene larger than the model's size, paint over the left object,
