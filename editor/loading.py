@@ -264,6 +264,23 @@ def _tokenizers(config: Path, index: dict) -> dict:
     return out
 
 
+def choose_prediction_type(facts: SingleFileFacts, options: LoadOptions
+                           ) -> tuple[str | None, str | None]:
+    """``(prediction_type or None for the config's own, notice)`` for a single file: the
+    user's ``--prediction-type``, else a ``v_pred`` key's word, else v-prediction for SD 2.x
+    with the bundled config (768-v and 512-base cannot be told apart by their weights), said
+    in a notice."""
+    if options.prediction_type is not None:
+        return options.prediction_type, None
+    if facts.v_prediction:
+        return "v_prediction", None
+    if facts.architecture == "sd2" and options.config is None:
+        return "v_prediction", ("notice: SD 2.x checkpoint: assuming v-prediction (SD 2.x "
+                                "768-v); for a 512-pixel SD 2.x base model pass "
+                                "--prediction-type epsilon")
+    return None, None
+
+
 def load_single_file(path: str, options: LoadOptions, dtype: torch.dtype
                      ) -> tuple[object, list[str]]:
     """Build a pipeline from a single-file checkpoint (see the module docstring).
@@ -287,16 +304,12 @@ def load_single_file(path: str, options: LoadOptions, dtype: torch.dtype
         cls_name, config_name, arch = ARCHITECTURES[facts.architecture]
         config = bundled_config_path(config_name)
         index = _check_config_folder(config)
-    prediction = options.prediction_type
-    if prediction is None and facts.v_prediction:
-        prediction = "v_prediction"
-    if prediction is None and facts.architecture == "sd2" and options.config is None:
-        prediction = "v_prediction"
-        notices.append("notice: SD 2.x checkpoint: assuming v-prediction (SD 2.x 768-v); "
-                       "for a 512-pixel SD 2.x base model pass --prediction-type epsilon")
+    prediction, notice = choose_prediction_type(facts, options)
+    if notice:
+        notices.append(notice)
     try:
         pipe = classes[cls_name].from_single_file(
-            path, config=str(config), local_files_only=True, torch_dtype=dtype,
+            path, config=str(config), local_files_only=True, dtype=dtype,
             **_tokenizers(config, index),
             **({"safety_checker": None, "requires_safety_checker": False}
                if cls_name == "StableDiffusionPipeline" else {}))

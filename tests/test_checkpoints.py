@@ -495,3 +495,35 @@ def test_web_app_model_line_names_the_loras(lora_file):
     ed = Editor.from_pretrained("shapes", device="cpu", loras=[f"{lora_file}:0.5"])
     text = model_markdown(ed)
     assert f"LoRA `{lora_file.name}` x 0.5" in text and ed.fingerprint in text
+
+
+@pytest.mark.parametrize(("arch", "vpred", "given", "config", "want", "notice"), [
+    ("sd1", None, None, None, None, False),
+    ("sd2", None, None, None, "v_prediction", True),  # 768-v assumed, and said
+    ("sd2", None, "epsilon", None, "epsilon", False),  # the user knows better
+    ("sd2", None, None, "cfg", None, False),  # the user's config says
+    ("sdxl", True, None, None, "v_prediction", False),  # the file says (a v_pred key)
+])
+def test_prediction_type_choice(arch, vpred, given, config, want, notice):
+    from editor.loading import SingleFileFacts, choose_prediction_type
+
+    got, note = choose_prediction_type(SingleFileFacts(arch, vpred),
+                                       LoadOptions(prediction_type=given, config=config))
+    assert got == want and bool(note) == notice
+    if note:
+        assert "--prediction-type epsilon" in note
+
+
+def test_model_folder_cannot_choose_code(tmp_path):
+    folder = tmp_path / "m"
+    shutil.copytree(bundled_model_path(), folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "unet": ["evil_lib", "UNet"]}))
+    with pytest.raises(ValueError, match="model folder .*comes from 'evil_lib'"):
+        Editor.from_pretrained(str(folder), device="cpu")
+
+
+def test_single_file_loads_in_the_asked_dtype(shapes_file):
+    ed = Editor.from_pretrained(str(shapes_file), device="cpu", dtype="bfloat16",
+                                config=str(bundled_model_path()))
+    assert ed.dtype == torch.bfloat16 and ed.pipe.text_encoder.dtype == torch.bfloat16
