@@ -599,6 +599,19 @@ def test_browser_busy_buttons_and_cancel(served, examples, tmp_path):
             browser.close()
 
 
+def _two_objects_upload(tmp_path):
+    """A 300x200 two-object scene saved as an upload, a colour neither object has, and the
+    caption with the left object's colour changed to it."""
+    sc = scenes.sample(70_003, n_objects=2).scene
+    photo, masks = scenes.render_at(sc, 300, 200)
+    path = tmp_path / "two.png"
+    photo.save(path)
+    left, right = sc.objects
+    new = next(c for c in ("green", "yellow", "red", "blue") if c not in (left.color, right.color))
+    target = sc.caption().replace(f"{left.color} {left.shape}", f"{new} {left.shape}", 1)
+    return sc, photo, masks, path, new, target
+
+
 def test_a_brushed_editor_value_edits_at_full_size_inside_the_strokes(ctx, tmp_path):
     """The mask editor's value as the browser sends it (the upload as background, one RGBA
     layer of brush strokes over the left object of a 300x200 scene): the edit comes back at
@@ -607,13 +620,8 @@ def test_a_brushed_editor_value_edits_at_full_size_inside_the_strokes(ctx, tmp_p
     it is slow because headless Chromium's canvas is.)"""
     from PIL import ImageDraw
 
-    sc = scenes.sample(70_003, n_objects=2).scene
-    photo, masks = scenes.render_at(sc, 300, 200)
-    path = tmp_path / "two.png"
-    photo.save(path)
+    sc, photo, masks, path, new, target = _two_objects_upload(tmp_path)
     left, right = sc.objects
-    new = next(c for c in ("green", "yellow", "red", "blue") if c not in (left.color, right.color))
-    target = sc.caption().replace(f"{left.color} {left.shape}", f"{new} {left.shape}", 1)
     session = invert(ctx, str(path), sc.caption(), "ddim", STEPS, 7.5, None)[4]
     layer = Image.new("RGBA", photo.size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(layer)
@@ -638,13 +646,8 @@ def test_browser_brush_a_mask_edit_and_download_at_full_size(served, tmp_path):
     invert, change its colour, download: the file has the upload's size, the painted
     object changed, the other one did not."""
     sync_playwright = _playwright()
-    sc = scenes.sample(70_003, n_objects=2).scene
-    photo, masks = scenes.render_at(sc, 300, 200)
-    path = tmp_path / "two.png"
-    photo.save(path)
+    sc, photo, masks, path, new, target = _two_objects_upload(tmp_path)
     left, right = sc.objects
-    new = next(c for c in ("green", "yellow", "red", "blue") if c not in (left.color, right.color))
-    target = sc.caption().replace(f"{left.color} {left.shape}", f"{new} {left.shape}", 1)
     with sync_playwright() as p:
         browser, page = _browser(p)
         try:
