@@ -174,6 +174,8 @@ class WorkerPool:
         self.load_errors: dict[int, str] = {}
         self.deaths: collections.Counter[int] = collections.Counter()
         self.free: collections.deque[int] = collections.deque()
+        #: workers Ray is restarting: when to ask again whether they are up, and since when
+        self.restarting: dict[int, tuple[float, float]] = {}
         self.t_start = time.monotonic()
 
     # -- start and stop ---------------------------------------------------------------------
@@ -233,14 +235,28 @@ class WorkerPool:
 
     # -- readiness --------------------------------------------------------------------------
 
+    def _probe(self, w: int) -> None:
+        self.pending[self.actors[w].info.remote()] = w
+
     def _accept(self, ref: Any) -> None:
-        """A worker's ``info()`` came back: it is ready, or it could not load the model."""
+        """A worker's ``info()`` came back: it is ready, it is still being restarted (ask
+        again in a second), or it cannot load the model (dropped, with the reason)."""
         w = self.pending.pop(ref)
+        now = time.monotonic()
         try:
             info = self.ray.get(ref)
+        except self.ray.exceptions.RayActorError as exc:  # restarting (killed while loading...)
+            since = self.restarting.get(w, (now, now))[1]
+            if now - since > START_TIMEOUT_S:
+                self.load_errors[w] = f"not back {START_TIMEOUT_S:.0f} s after it died ({exc})"
+                self.restarting.pop(w, None)
+            else:
+                self.restarting[w] = (now + 1.0, since)
+            return
         except Exception as exc:  # noqa: BLE001 - a worker that never came up
             self.load_errors[w] = _error_text(exc)
             return
+        self.restarting.pop(w, None)
         if info.get("load_error"):
             self.load_errors[w] = info["load_error"]
             try:
@@ -248,23 +264,42 @@ class WorkerPool:
             except Exception:  # noqa: BLE001, S110
                 pass
             return
-        self.infos[w] = info
+        self.infos.setdefault(w, info)
         self.free.append(w)
 
-    def _check_alive(self, busy: int) -> None:
-        if not self.infos and not self.pending and not busy:
+    def _reprobe(self) -> None:
+        now = time.monotonic()
+        for w, (due, _) in list(self.restarting.items()):
+            if due <= now and w not in self.pending.values():
+                self._probe(w)
+
+    def _alive(self, busy: int) -> bool:
+        """Whether some worker is up, coming up or busy; ``ValueError`` when none ever came
+        up (every one failed to load the model, or none started in time)."""
+        if self.free or self.pending or self.restarting or busy:
+            if not self.infos and time.monotonic() - self.t_start > START_TIMEOUT_S:
+                raise ValueError(f"no Ray worker came up within {START_TIMEOUT_S:.0f} s: does "
+                                 "the cluster have the CPUs / GPUs the workers ask for free?")
+            return True
+        if not self.infos:
             reason = next(iter(self.load_errors.values()), "unknown reason")
             raise ValueError(f"no Ray worker could load the model: {reason}")
-        if not self.infos and time.monotonic() - self.t_start > START_TIMEOUT_S:
-            raise ValueError(f"no Ray worker came up within {START_TIMEOUT_S:.0f} s: does the "
-                             "cluster have the CPUs / GPUs the workers ask for free?")
+        return False
+
+    def _wait(self, refs: list[Any]) -> list[Any]:
+        if not refs:
+            time.sleep(0.5)
+            return []
+        timeout = 0.5 if self.restarting else 10.0
+        done, _ = self.ray.wait(refs, num_returns=1, timeout=timeout)
+        return done
 
     def first_info(self) -> dict[str, Any]:
         """The first ready worker's facts (pid, host, device, native size, notice)."""
         while not self.infos:
-            self._check_alive(0)
-            done, _ = self.ray.wait(list(self.pending), num_returns=1, timeout=10)
-            for ref in done:
+            self._alive(0)
+            self._reprobe()
+            for ref in self._wait(list(self.pending)):
                 self._accept(ref)
         return self.infos[min(self.infos)]
 
@@ -274,21 +309,26 @@ class WorkerPool:
             on_result: Callable[[Any, dict[str, Any], dict[str, Any]], None],
             on_give_up: Callable[[Any, str], None]) -> None:
         """Run every unit on some worker: ``call(actor, unit)`` submits it, ``on_result(unit,
-        value, worker_info)`` takes what came back; a unit whose worker died is run again
-        up to ``retries`` times, then (like a unit whose task raised) handed to
-        ``on_give_up(unit, reason)``. One unit in flight per worker."""
+        value, worker_info)`` takes what came back. A unit whose worker died is run again
+        (on the first worker up) up to ``retries`` times, then, like a unit whose task
+        raised, handed to ``on_give_up(unit, reason)``. One unit in flight per worker;
+        a worker Ray is restarting gets nothing until it answers again."""
         ray = self.ray
         errors = ray.exceptions
         queue = collections.deque(range(len(units)))
         attempts = [0] * len(units)
         inflight: dict[Any, tuple[int, int]] = {}
         while queue or inflight:
+            self._reprobe()
             while self.free and queue:
                 w, u = self.free.popleft(), queue.popleft()
                 inflight[call(self.actors[w], units[u])] = (w, u)
-            self._check_alive(len(inflight))
-            done, _ = ray.wait([*inflight, *self.pending], num_returns=1, timeout=10)
-            for ref in done:
+            if not self._alive(len(inflight)):
+                reasons = "; ".join(sorted(set(self.load_errors.values()))) or "unknown reason"
+                for u in queue:
+                    on_give_up(units[u], f"no Ray worker left ({reasons})")
+                return
+            for ref in self._wait([*inflight, *self.pending]):
                 if ref in self.pending:
                     self._accept(ref)
                     continue
@@ -298,12 +338,15 @@ class WorkerPool:
                 except errors.RayActorError as exc:
                     attempts[u] += 1
                     self.deaths[w] += 1
+                    now = time.monotonic()
+                    self.restarting[w] = (now, now)  # ask at once whether it is back
                     if attempts[u] <= self.options.retries:
                         queue.appendleft(u)
                     else:
                         why = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
                         on_give_up(units[u], f"its Ray worker died {attempts[u]} time(s) while "
                                              f"running it ({type(exc).__name__}: {why})")
+                    continue
                 except errors.RayTaskError as exc:
                     cause = getattr(exc, "cause", None) or exc
                     on_give_up(units[u], _error_text(cause))

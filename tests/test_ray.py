@@ -306,6 +306,10 @@ def test_killed_worker_is_restarted_and_the_batch_completes(tmp_path):
     assert not list(out.rglob("*.tmp"))
 
 
+def _item_dirs(out: Path) -> list[Path]:
+    return [d for d in out.glob("s*") if d.is_dir() and d.name[1:].isdigit()]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
 def test_killed_driver_then_rerun_resumes_without_redoing(tmp_path):
@@ -317,7 +321,7 @@ def test_killed_driver_then_rerun_resumes_without_redoing(tmp_path):
     tree: list[int] = []
     try:
         def some_item_done() -> bool:
-            return any(is_complete_image(d / "reconstruction.png") for d in out.glob("s*"))
+            return any(is_complete_image(d / "reconstruction.png") for d in _item_dirs(out))
 
         _wait_for(some_item_done, proc)
         tree = _children(proc.pid)
@@ -332,7 +336,7 @@ def test_killed_driver_then_rerun_resumes_without_redoing(tmp_path):
         _kill_tree(tree)
     done = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.rglob("*.png")
             if is_complete_image(p)}
-    complete = {d.name for d in out.glob("s*") if all(
+    complete = {d.name for d in _item_dirs(out) if all(
         is_complete_image(d / n) for n in ["reconstruction.png"]
         + read_manifest(m)[int(d.name[1:])].output_names())}
     assert done and len(complete) < 6, "killed part-way"
