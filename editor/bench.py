@@ -251,6 +251,67 @@ def sd15_random_editor(device: str | torch.device = "cuda", *, smoke: bool = Fal
                                   device=device))
 
 
+#: SDXL's VAE (SD's architecture, its own scaling factor; overflows in float16, hence
+#: ``force_upcast``).
+SDXL_VAE: dict[str, Any] = dict(SD15_VAE, sample_size=1024, scaling_factor=0.13025,
+                                force_upcast=True)
+#: ``--cpu-smoke`` for SDXL: 128x128 images, two 64-wide text encoders.
+SMOKE_SDXL_UNET = dict(block_out_channels=(32, 32, 64), sample_size=16, norm_num_groups=32,
+                       transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 2, 4),
+                       cross_attention_dim=128, addition_time_embed_dim=8,
+                       projection_class_embeddings_input_dim=6 * 8 + 64)
+
+
+def sdxl_random_editor(device: str | torch.device = "cuda", *, smoke: bool = False,
+                       seed: int = 0) -> Editor:
+    """An :class:`Editor` over an SDXL-base-shaped ``StableDiffusionXLPipeline`` with random
+    weights (fp32; UNet 2.57 B parameters, CLIP ViT-L and OpenCLIP ViT-bigG text encoders,
+    1024x1024). Tokenizers: the bundled CLIP tokenizer twice, the second with SDXL's ``"!"``
+    padding token; the scheduler: SDXL base's betas (as SD 1.5's) as DDIM."""
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+    )
+
+    from .model import Model, bundled_model_path
+
+    unet_cfg, vae_cfg = dict(SDXL_UNET), dict(SDXL_VAE)
+    text_cfg, text2_cfg = dict(SD15_TEXT), dict(SDXL_TEXT_2)
+    if smoke:
+        unet_cfg.update(SMOKE_SDXL_UNET)
+        vae_cfg.update(SMOKE_VAE)
+        text_cfg.update(SMOKE_TEXT)
+        text2_cfg.update(SMOKE_TEXT)
+    text2_cfg["pad_token_id"] = 0  # OpenCLIP's "!" padding
+    with torch.random.fork_rng(devices=[]):  # random init without touching the global RNG
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**unet_cfg)
+        vae = AutoencoderKL(**vae_cfg)
+        text = CLIPTextModel(CLIPTextConfig(**text_cfg))
+        text2 = CLIPTextModelWithProjection(CLIPTextConfig(**text2_cfg))
+    folder = bundled_model_path() / "tokenizer"
+    tok = CLIPTokenizer.from_pretrained(folder)
+    tok2 = CLIPTokenizer.from_pretrained(folder, pad_token="!")
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                          clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text, text_encoder_2=text2,
+                                     tokenizer=tok, tokenizer_2=tok2, unet=unet, scheduler=sched)
+    return Editor(Model.from_pipe(pipe, "sdxl-random" + ("-smoke" if smoke else ""),
+                                  device=device))
+
+
+#: ``bench gpu --arch sdxl`` runs these variants (the fast path is SD 1.x/2.x only).
+SDXL_GPU_VARIANTS = ("eager-fp32", "eager-bf16")
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -319,8 +380,10 @@ def bench_gpu(*, device: str | torch.device | None = None, smoke: bool = False,
               steps: int = 50, num_inner_steps: int = 10, timed_steps: int | None = 5,
               batches: tuple[int, ...] = (1, 8), variants: tuple[str, ...] = DEFAULT_GPU_VARIANTS,
               edit: bool = True, out_path: str | None = None,
-              log: Any = None) -> dict[str, Any]:
-    """Null-text inversion and P2P edit timings at SD 1.5 size (random weights), JSON-ready.
+              log: Any = None, arch: str = "sd15") -> dict[str, Any]:
+    """Null-text inversion and P2P edit timings at SD 1.5 size (random weights), JSON-ready;
+    ``arch="sdxl"``: SDXL base's shape at 1024x1024 (:func:`sdxl_random_editor`; the fast
+    path's variants are skipped there, the SD 1.5 targets do not apply).
 
     Variants (:data:`GPU_VARIANTS`) run in order on one pipeline; the UNet is converted to
     bf16 after the fp32 ones (fp32 runs at batch 1 only: it is the baseline). Per batch
@@ -334,6 +397,8 @@ def bench_gpu(*, device: str | torch.device | None = None, smoke: bool = False,
 
     from .fastpath import FastPath
 
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {arch!r}")
     unknown = [v for v in variants if v not in GPU_VARIANTS]
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown}; choose from {', '.join(GPU_VARIANTS)}")
@@ -344,9 +409,11 @@ def bench_gpu(*, device: str | torch.device | None = None, smoke: bool = False,
     info = machine()
     info["device"] = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     out: dict[str, Any] = {
-        "machine": info, "model": "sd15-random" + ("-smoke" if smoke else ""),
+        "machine": info, "arch": arch,
+        "model": f"{arch}-random" + ("-smoke" if smoke else ""),
         "steps": steps, "num_inner_steps": num_inner_steps, "early_stop": False,
-        "timed_timesteps": timed_steps, "targets": GPU_TARGETS, "results": {}}
+        "timed_timesteps": timed_steps, "targets": GPU_TARGETS if arch == "sd15" else None,
+        "results": {}}
 
     def say(msg: str) -> None:
         if log is not None:
@@ -366,7 +433,8 @@ def bench_gpu(*, device: str | torch.device | None = None, smoke: bool = False,
         save()
 
     t0 = time.perf_counter()
-    editor = sd15_random_editor(dev, smoke=smoke)
+    build = sd15_random_editor if arch == "sd15" else sdxl_random_editor
+    editor = build(dev, smoke=smoke)
     out["build_seconds"] = time.perf_counter() - t0
     unet = editor.pipe.unet
     out["unet_params_M"] = sum(p.numel() for p in unet.parameters()) / 1e6
@@ -384,6 +452,9 @@ def bench_gpu(*, device: str | torch.device | None = None, smoke: bool = False,
                                "channels_last": channels_last}
         out["results"][name] = res
         fast = None
+        if mode is not None and arch == "sdxl":
+            res["skipped"] = "the fast null-text path runs SD 1.x/2.x UNets only"
+            continue
         if mode is not None:
             fast = FastPath(mode=mode, channels_last=channels_last)
             if fast.compiled:
@@ -421,7 +492,8 @@ def bench_gpu(*, device: str | torch.device | None = None, smoke: bool = False,
     if edit:
         unet.to(torch.bfloat16)
         timed_edit("edit_bf16")
-    out["checks"] = _gpu_checks(out) if not smoke else "smoke run: not a measurement"
+    out["checks"] = ("smoke run: not a measurement" if smoke else _gpu_checks(out)
+                     if arch == "sd15" else "no targets for SDXL: the timings are the result")
     save()
     return out
 

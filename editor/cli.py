@@ -664,7 +664,7 @@ def cmd_bench_requirements(args: argparse.Namespace) -> int:
 
 def cmd_bench_gpu(args: argparse.Namespace) -> int:
     """Null-text inversion and P2P edit speed at SD 1.5 size (random weights); print JSON."""
-    from .bench import DEFAULT_GPU_VARIANTS, bench_gpu
+    from .bench import DEFAULT_GPU_VARIANTS, SDXL_GPU_VARIANTS, bench_gpu
 
     quiet_libraries()
     smoke = args.cpu_smoke
@@ -672,9 +672,11 @@ def cmd_bench_gpu(args: argparse.Namespace) -> int:
     def items(text: str | None) -> list[str]:
         return [x.strip() for x in (text or "").split(",") if x.strip()]
 
-    variants = items(args.variants) or list(DEFAULT_GPU_VARIANTS)
+    sdxl = args.arch == "sdxl"
+    variants = items(args.variants) or list(SDXL_GPU_VARIANTS if sdxl else DEFAULT_GPU_VARIANTS)
+    default_batches = [1] if sdxl else [1, 2] if smoke else [1, 8]
     try:
-        batches = tuple(int(b) for b in items(args.batches) or ([1, 2] if smoke else [1, 8]))
+        batches = tuple(int(b) for b in items(args.batches) or default_batches)
     except ValueError:
         raise ValueError(f"--batches must be a comma list of integers, got {args.batches!r}") from None
     if any(b < 1 for b in batches):
@@ -683,7 +685,8 @@ def cmd_bench_gpu(args: argparse.Namespace) -> int:
         device=args.device or ("cpu" if smoke else None), smoke=smoke,
         steps=args.steps or (2 if smoke else 50), num_inner_steps=args.inner or (2 if smoke else 10),
         timed_steps=None if args.timed_steps == 0 else args.timed_steps, batches=batches,
-        variants=tuple(variants), edit=not args.no_edit, out_path=args.out, log=sys.stderr)
+        variants=tuple(variants), edit=not args.no_edit, out_path=args.out, log=sys.stderr,
+        arch=args.arch)
     print(json.dumps(out, indent=1))
     return 0
 
@@ -806,6 +809,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "stop) at batch 1 and 8 per variant (eager fp32 / bf16, static buffers, "
                     "CUDA graphs, torch.compile) and one P2P edit, on an SD-1.5-shaped model "
                     "with random weights. --cpu-smoke shrinks model and steps to run on a CPU.")
+    p.add_argument("--arch", choices=["sd15", "sdxl"], default="sd15",
+                   help="sd15: SD 1.5's shape at 512x512; sdxl: SDXL base's at 1024x1024, "
+                        "variants eager-fp32,eager-bf16, batch 1 (default: sd15)")
     p.add_argument("--cpu-smoke", action="store_true",
                    help="tiny model, 2 steps, 2 inner steps, batches 1,2, on the CPU (a check "
                         "that the benchmark runs, not a measurement)")

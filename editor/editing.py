@@ -33,6 +33,7 @@ from .blending import LocalBlend, blend_keys, composite, make_blend
 from .compose import border_px, covers_everything, full_resolution, load_mask
 from .embeddings import apply_protection, reweight_rows
 from .images import image_hash, load_image
+from .model import Cond
 from .options import EditOptions
 from .plan import EditPlan, plan_edit
 from .progress import Callback, EditCancelled
@@ -78,7 +79,7 @@ class PreparedEdit:
     """Everything the sampling loop needs for one batched edit (step 1's output)."""
 
     plan: EditPlan
-    emb: torch.Tensor  # rows x L x D, fp32: source row, then the targets
+    emb: Cond  # rows (x L x D), fp32: source row, then the targets
     controller: PromptToPrompt
     blend: LocalBlend | None
     blend_keys: list[StoreKey]
@@ -91,19 +92,39 @@ class PreparedEdit:
 # -- 1. prepare ------------------------------------------------------------------------------------
 
 
-def encode_rows(model: Model, plan: EditPlan) -> torch.Tensor:
+def encode_rows(model: Model, plan: EditPlan) -> Cond:
     """Text encodings of the source and each target; the targets' protected by the plan's
-    leakage control and reweighted in the text encoding."""
-    emb = model.encode_text(plan.prompts).float()
+    leakage control and reweighted in the text encoding.
+
+    SDXL: the leakage controls act on the token rows of both encoders (projection per
+    encoder's block of columns, :func:`editor.embeddings.apply_protection`); the pooled
+    row is left as encoded. Text reweighting interpolates the pooled row as it does the
+    token rows (towards the prompt without the word)."""
+    cond = model.encode(plan.prompts).float()
+    emb = cond.tokens
+    blocks = model.text_widths if model.is_sdxl else None
     leakage = plan.options.leakage
     for k, pp in enumerate(plan.protect, start=1):
         if pp is not None:
             emb[k : k + 1] = apply_protection(model.encode_text, emb[k : k + 1], pp,
-                                              mode=leakage).float()
+                                              mode=leakage, blocks=blocks).float()
     for k, steps in enumerate(plan.reweight_text, start=1):
         if steps:
             emb[k] = reweight_rows(model.encode_text, emb[k], steps)
-    return emb
+            if cond.pooled is not None:
+                cond.pooled[k] = reweight_pooled(model, cond.pooled[k], steps)
+    return cond
+
+
+def reweight_pooled(model: Model, pooled: torch.Tensor, steps) -> torch.Tensor:
+    """SDXL's pooled row under text reweighting: ``p_wo + s (p - p_wo)`` per word, ``s``
+    clipped to [0, 1] as :func:`editor.embeddings.reweight_rows` does for the token rows."""
+    out = pooled.float().clone()
+    for st in steps:
+        p_wo = model.encode([st.rest]).pooled[0].float().to(out.device)
+        s = min(max(float(st.scale), 0.0), 1.0)
+        out = p_wo + s * (out - p_wo)
+    return out
 
 
 def load_original(inv: Inversion, original) -> Image.Image:

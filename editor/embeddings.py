@@ -194,10 +194,15 @@ def _check_control(mode: str, rows: str, strength: float) -> None:
 
 
 def apply_protection(encode: Encode, emb: torch.Tensor, plan: ProtectPlan, *, mode: str,
-                     strength: float = 1.0, rows: str = "item", center: bool = True
-                     ) -> torch.Tensor:
+                     strength: float = 1.0, rows: str = "item", center: bool = True,
+                     blocks: Sequence[int] | None = None) -> torch.Tensor:
     """Apply a leakage control to ``emb`` (the encoding of ``plan.prompt``, ``[B x] L x D``);
-    ``encode`` encodes the phrases alone (the model's text encoder)."""
+    ``encode`` encodes the phrases alone (the model's text encoder).
+
+    ``blocks``: the widths of the text encoders whose rows are concatenated in ``D`` (SDXL:
+    ``[768, 1280]``); replacement swaps whole rows (every encoder's part), projection runs
+    in each encoder's own columns (its own undesired directions: the encoders' spaces and
+    scales differ). ``None``: one encoder."""
     _check_control(mode, rows, strength)
     if mode == "none" or not plan.phrases:
         return emb
@@ -212,8 +217,16 @@ def apply_protection(encode: Encode, emb: torch.Tensor, plan: ProtectPlan, *, mo
             alone = encode([plan.joined])[0].to(emb.device)
             out = replace_rows(out, plan.end[: len(plan.joined_end)], alone, plan.joined_end)
     if mode in ("project", "both"):
-        bad = _centred(emb, plan.undesired, plan.words, center)
-        out = project_out(out, touched, projection_matrix(bad), strength)
+        widths = list(blocks) if blocks else [emb.shape[-1]]
+        if sum(widths) != emb.shape[-1]:
+            raise ValueError(f"blocks {widths} do not add up to the rows' width {emb.shape[-1]}")
+        parts, lo = [], 0
+        for w in widths:
+            cols = slice(lo, lo + w)
+            bad = _centred(emb[..., cols], plan.undesired, plan.words, center)
+            parts.append(project_out(out[..., cols], touched, projection_matrix(bad), strength))
+            lo += w
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
     return out
 
 
@@ -245,7 +258,8 @@ def protect_embeddings(
         return emb
     plan = plan_protection(model.pipe.tokenizer, prompt, phrases, emb.shape[-2], source_prompt)
     return apply_protection(model.encode_text, emb, plan, mode=mode, strength=strength,
-                            rows=rows, center=center)
+                            rows=rows, center=center,
+                            blocks=model.text_widths if model.is_sdxl else None)
 
 
 # -- reweighting a word's share of the text encoding ---------------------------------------------

@@ -174,14 +174,22 @@ class Editor:
         size = m.native_size
         gen = generator or torch.Generator("cpu").manual_seed(int(o.seed))
         with m.lock:
-            emb = m.encode_text([prompt])
+            cond = m.encode([prompt])
+            emb = cond.tokens
             if o.protect and o.leakage != "none":
                 emb = protect_embeddings(m, prompt, emb, protect=list(o.protect), mode=o.leakage)
-            neg = m.encode_text([negative])
+            extra = {}
+            if m.is_sdxl:  # SDXL: pooled rows too; an empty negative prompt is SDXL's null
+                neg_c = m.null() if not negative else m.encode([negative])
+                neg = neg_c.tokens
+                extra = dict(pooled_prompt_embeds=cond.pooled,
+                             negative_pooled_prompt_embeds=neg_c.pooled)
+            else:
+                neg = m.encode_text([negative])
             out = m.pipe(
                 prompt_embeds=emb, negative_prompt_embeds=neg, num_inference_steps=o.steps,
                 guidance_scale=o.guidance, generator=gen, height=o.height or size,
-                width=o.width or size,
+                width=o.width or size, **extra,
             )
         return out.images[0]
 

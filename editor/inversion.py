@@ -34,6 +34,7 @@ from .ddim import ddim_inverse_step, ddim_step
 from .fastpath import FastPath, resolve_fast, resolve_sync_every
 from .fileio import atomic_write_bytes, printable
 from .images import prepare_image, to_tensor
+from .model import Cond, as_cond
 from .options import METHODS, InvertOptions
 from .progress import Callback, Cancelled, InversionCancelled, StepHook
 
@@ -52,7 +53,9 @@ class Inversion:
 
     ``uncond`` holds the null embedding per sampling step (``steps x L x D``) or
     one shared row (``1 x L x D``); ``offsets`` (direct inversion) holds one
-    latent-shaped correction per step for the source branch.
+    latent-shaped correction per step for the source branch. SDXL (``arch="sdxl"``):
+    ``uncond_pooled`` holds the null's pooled row, per step (``steps x P``: null-text
+    optimised it, :data:`OPTIMIZE_POOLED`) or shared (``1 x P``).
     """
 
     prompt: str
@@ -71,14 +74,31 @@ class Inversion:
     #: where the image came from, when known (``{"path": ..., "size": [w, h]}``): a hint for
     #: ``edit --original``, never a path the engine opens by itself
     source: dict[str, Any] | None = None
+    uncond_pooled: torch.Tensor | None = None  # (steps | 1) x P (SDXL only)
+    arch: str = "sd"  # "sd" (SD 1.x / 2.x) or "sdxl"
 
     def uncond_at(self, i: int) -> torch.Tensor:
         """Null embedding (1 x L x D) for sampling step ``i``."""
         return self.uncond[min(i, self.uncond.shape[0] - 1)][None]
 
+    def null_at(self, i: int) -> Cond:
+        """The null conditioning (1 row: token rows and, SDXL, the pooled row) for step ``i``."""
+        pooled = None
+        if self.uncond_pooled is not None:
+            pooled = self.uncond_pooled[min(i, self.uncond_pooled.shape[0] - 1)][None]
+        return Cond(self.uncond_at(i), pooled)
+
     def check_model(self, model: Model) -> None:
         """Refuse an inversion made with other weights (its null embeddings would be meaningless).
         The file's recorded model id is only a hint in the message, never loaded."""
+        if self.arch != model.arch:
+            names = {"sd": "an SD 1.x/2.x", "sdxl": "an SDXL"}
+            raise ValueError(
+                f"this inversion was made with {names.get(self.arch, self.arch)} model "
+                f"({printable(self.model_id)!r}, text rows {self.uncond.shape[-1]} wide); the "
+                f"loaded model {model.model_id!r} is {names[model.arch]} model (text rows "
+                f"{model.unet.config.cross_attention_dim} wide). Invert the image again with "
+                "this model, or load the model it was made with (--model-from-inversion).")
         if self.model_fingerprint != model.fingerprint:
             raise ValueError(
                 f"this inversion was made with model {printable(self.model_id)!r} "
@@ -95,6 +115,8 @@ class Inversion:
         tensors = {"z_T": self.z_T, "uncond": self.uncond}
         if self.offsets is not None:
             tensors["offsets"] = self.offsets
+        if self.uncond_pooled is not None:
+            tensors["uncond_pooled"] = self.uncond_pooled
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
         meta = {
             "format": FORMAT,
@@ -110,6 +132,8 @@ class Inversion:
             "image_hash": self.image_hash,
             "stats": self.stats,
         }
+        if self.arch != "sd":  # SD files stay as they were; a file without "arch" is SD
+            meta["arch"] = self.arch
         if self.source is not None:
             meta["source"] = self.source
         data = save_bytes(tensors, metadata={"pivot_edit": json.dumps(meta)})
@@ -144,7 +168,8 @@ class Inversion:
 
 #: The largest inversion file read (SDXL at 50 steps is ~32 MB).
 MAX_FILE_BYTES = 256 * 2**20
-_TENSORS = {"z_T", "uncond", "offsets"}
+_TENSORS = {"z_T", "uncond", "offsets", "uncond_pooled"}
+ARCHS = ("sd", "sdxl")
 
 
 def _from_file(cls, where: str, raw: str, tensors: dict[str, torch.Tensor],
@@ -194,6 +219,10 @@ def _from_file(cls, where: str, raw: str, tensors: dict[str, torch.Tensor],
     source = meta.get("source")
     if source is not None and not isinstance(source, dict):
         raise bad("source", "is not an object")
+    arch = meta.get("arch", "sd")
+    if arch not in ARCHS:
+        raise bad("arch", f"has an unknown value {printable(arch)[:40]!r} (this pivot-edit "
+                  f"knows {', '.join(ARCHS)})")
 
     unknown = names - _TENSORS
     if unknown:
@@ -221,8 +250,18 @@ def _from_file(cls, where: str, raw: str, tensors: dict[str, torch.Tensor],
         off = off.float()
         if tuple(off.shape) != (steps, *z.shape):
             raise bad("offsets", f"has shape {tuple(off.shape)}; expected {(steps, *z.shape)}")
+    pooled = tensors.get("uncond_pooled")
+    if (pooled is not None) != (arch == "sdxl"):
+        raise bad("uncond_pooled", "is missing (an SDXL inversion holds the null's pooled row)"
+                  if pooled is None else "is present in a file that is not an SDXL inversion")
+    if pooled is not None:
+        pooled = pooled.float()
+        if pooled.dim() != 2 or pooled.shape[0] not in (1, steps) or min(pooled.shape) < 1:
+            raise bad("uncond_pooled", f"has shape {tuple(pooled.shape)}; expected "
+                      f"(1 or {steps}) x P")
     return cls(
         prompt=prompt, method=method, steps=steps, guidance=guidance, z_T=z, uncond=u,
+        uncond_pooled=pooled, arch=arch,
         timesteps=list(timesteps), image_size=(int(image_size[0]), int(image_size[1])),
         model_id=model_id, model_fingerprint=fingerprint, image_hash=image_hash,
         offsets=off, stats=stats, source=source,
@@ -249,11 +288,17 @@ def ddim_pivots(model: Model, z0: torch.Tensor, cond: torch.Tensor, steps: int,
     return pivots
 
 
+#: SDXL null-text: also optimise the null's pooled row (``text_embeds``), not only its token
+#: rows. Measured on tiny random SDXL pipelines (tests/test_sdxl.py, docs/sdxl.md).
+OPTIMIZE_POOLED = True
+
+
 def null_text_optimization(
-    model: Model, pivots: list[torch.Tensor], cond: torch.Tensor, null: torch.Tensor,
-    *, guidance: float, num_inner_steps: int, early_stop_epsilon: float | None,
-    hook=None, progress: bool = True, sync_every: int | None = None,
-) -> tuple[torch.Tensor, dict]:
+    model: Model, pivots: list[torch.Tensor], cond: torch.Tensor | Cond,
+    null: torch.Tensor | Cond, *, guidance: float, num_inner_steps: int,
+    early_stop_epsilon: float | None, hook=None, progress: bool = True,
+    sync_every: int | None = None, optimize_pooled: bool | None = None,
+) -> tuple[torch.Tensor | Cond, dict]:
     """Mokady et al. 2022, Algorithm 1, batched: per timestep optimise each image's null
     embedding (fp32) so that guided DDIM from z-bar_t lands on pivot z*_{t-1}.
 
@@ -262,6 +307,11 @@ def null_text_optimization(
     inverting its images one by one. The stop decision stays on the device (the ``active``
     mask); the host reads it every ``sync_every`` inner steps (:func:`resolve_sync_every`),
     which changes speed, never the result. Returns (steps x B x L x D, stats).
+
+    SDXL (``null`` a :class:`Cond` with a pooled row): the token rows and, with
+    ``optimize_pooled`` (default :data:`OPTIMIZE_POOLED`), the pooled row are optimised
+    by one Adam each step; returns a :class:`Cond` (tokens ``steps x B x L x D``, pooled
+    ``steps x B x P``, or ``1 x B x P`` when the pooled row is kept).
     """
     sched = model.scheduler()
     steps = len(pivots) - 1
@@ -271,29 +321,41 @@ def null_text_optimization(
     # (a blocking host-to-device copy) on every UNet call
     t_dev = sched.timesteps.to(pivots[-1].device)
     b = cond.shape[0]
-    emb = null.float().expand(b, -1, -1).clone()
+    null_c = as_cond(null)
+    emb = null_c.tokens.float().expand(b, -1, -1).clone()
+    pooled = None if null_c.pooled is None else null_c.pooled.float().expand(b, -1).clone()
+    opt_pooled = pooled is not None and (OPTIMIZE_POOLED if optimize_pooled is None
+                                         else bool(optimize_pooled))
     z = pivots[-1].float()
-    out, inner_used, final_loss = [], [], []
+    out, out_pooled, inner_used, final_loss = [], [], [], []
     for i, t in enumerate(tqdm(sched.timesteps.tolist(), desc="null-text optimisation",
                                disable=not progress, leave=False)):
         target = pivots[steps - i - 1]
         with torch.no_grad():
             e_c = model.eps(z, t_dev[i], cond)  # conditional branch once per step
         emb = emb.detach().requires_grad_(True)
-        opt = torch.optim.Adam([emb], lr=1e-2 * (1.0 - i / 100.0))
+        params = [emb]
+        if opt_pooled:
+            pooled = pooled.detach().requires_grad_(True)
+            params.append(pooled)
+        null_i = emb if pooled is None else Cond(emb, pooled)
+        opt = torch.optim.Adam(params, lr=1e-2 * (1.0 - i / 100.0))
         active = torch.ones(b, dtype=torch.bool, device=z.device)
         used = torch.zeros(b, dtype=torch.long, device=z.device)
         thr = None if early_stop_epsilon is None else early_stop_epsilon + i * 2e-5
         for j in range(num_inner_steps):
-            e_u = model.eps(z, t_dev[i], emb)
+            e_u = model.eps(z, t_dev[i], null_i)
             rec = ddim_step(sched, e_u + guidance * (e_c - e_u), t, z, steps)
             loss = ((rec - target) ** 2).mean(dim=(1, 2, 3))  # per image, fp32
             opt.zero_grad(set_to_none=True)
             (loss * active).sum().backward()
             before = emb.detach().clone()
+            before_p = pooled.detach().clone() if opt_pooled else None
             opt.step()
             with torch.no_grad():  # stopped images keep their embedding
                 emb.data = torch.where(active[:, None, None], emb.data, before)
+                if opt_pooled:
+                    pooled.data = torch.where(active[:, None], pooled.data, before_p)
             used += active.long()
             if thr is not None:
                 active = active & (loss.detach() >= thr)
@@ -301,9 +363,12 @@ def null_text_optimization(
                     break  # a host sync; a stopped image is masked until then
         emb = emb.detach()
         out.append(emb.clone())
+        if pooled is not None:
+            pooled = pooled.detach()
+            out_pooled.append(pooled.clone())
         inner_used.append(used)
         with torch.no_grad():  # advance z-bar with the optimised null (not reset to the pivot)
-            e_u = model.eps(z, t_dev[i], emb)
+            e_u = model.eps(z, t_dev[i], emb if pooled is None else Cond(emb, pooled))
             z = ddim_step(sched, e_u + guidance * (e_c - e_u), t, z, steps)
             final_loss.append(((z - target) ** 2).mean(dim=(1, 2, 3)))
         if hook:
@@ -312,12 +377,15 @@ def null_text_optimization(
         "inner_steps": torch.stack(inner_used, 1).tolist(),  # B x steps
         "final_mse": torch.stack(final_loss, 1).tolist(),
     }
-    return torch.stack(out, 0), stats
+    if pooled is None:
+        return torch.stack(out, 0), stats
+    return Cond(torch.stack(out, 0),
+                torch.stack(out_pooled if opt_pooled else out_pooled[:1], 0)), stats
 
 
 @torch.no_grad()
-def direct_offsets(model: Model, pivots: list[torch.Tensor], cond: torch.Tensor,
-                   null: torch.Tensor, guidance: float) -> torch.Tensor:
+def direct_offsets(model: Model, pivots: list[torch.Tensor], cond: torch.Tensor | Cond,
+                   null: torch.Tensor | Cond, guidance: float) -> torch.Tensor:
     """Ju et al. 2023 (PnP Inversion): offset between pivot z*_{t-1} and the guided step
     taken from the pivot z*_t, per step (steps x B x C x h x w)."""
     sched = model.scheduler()
@@ -327,7 +395,8 @@ def direct_offsets(model: Model, pivots: list[torch.Tensor], cond: torch.Tensor,
     for i, t in enumerate(sched.timesteps.tolist()):
         z = pivots[steps - i]
         e_c = model.eps(z, t, cond)
-        e_u = model.eps(z, t, null.expand_as(cond))
+        e_u = model.eps(z, t, null.expand_as(cond) if isinstance(null, torch.Tensor)
+                        else null.expand(cond.shape[0]))
         offs.append(pivots[steps - i - 1] - ddim_step(sched, e_u + guidance * (e_c - e_u), t, z, steps))
     return torch.stack(offs, 0)
 
@@ -363,7 +432,10 @@ def invert_batch(
     if len(images) != len(prompts) or not images:
         raise ValueError("give one prompt per image (and at least one image)")
     resolve_sync_every(o.sync_every, model.device)
-    if o.method != "null-text":
+    if model.is_sdxl and o.fast not in (None, "auto"):
+        raise ValueError(f"fast={o.fast!r}: the fast null-text path runs SD 1.x/2.x UNets "
+                         "only (not SDXL's added conditioning yet); use fast=None or 'auto'")
+    if o.method != "null-text" or model.is_sdxl:
         fast = None
     elif fast is None:
         fast = resolve_fast(o.fast, model.device)
@@ -391,8 +463,10 @@ def _invert_group(model: Model, prepared, prompts, idx, size, results, o: Invert
     steps = o.steps
     pixels = torch.cat([to_tensor(prepared[k][0]) for k in idx])
     z0 = model.encode_image(pixels).float()
-    cond = model.encode_text([prompts[k] for k in idx]).float()
-    empty = model.encode_text([""]).float()
+    cond = model.encode([prompts[k] for k in idx]).float()
+    empty = model.null().float()
+    if cond.pooled is None:  # SD 1.x/2.x: token rows, as the fast path takes them
+        cond, empty = cond.tokens, empty.tokens
     hook = StepHook(callback, 2 * steps if o.method == "null-text" else steps, "inversion")
     runner = None if fast is None else fast.runner(
         model, z0, cond, guidance=o.guidance, early_stop=o.early_stop_epsilon is not None)
@@ -413,9 +487,10 @@ def _invert_group(model: Model, prepared, prompts, idx, size, results, o: Invert
     elif o.method == "negative-prompt":
         uncond = cond[None]  # 1 x B x L x D: the source prompt is the null prompt
     else:
-        uncond = empty[None].expand(1, len(idx), -1, -1)
+        uncond = as_cond(empty)[None]._map(lambda t: t.expand(1, len(idx), *t.shape[2:]))
         if o.method == "direct":
             offsets = direct_offsets(model, pivots, cond, empty, o.guidance)
+    uncond = as_cond(uncond)
     seconds = time.perf_counter() - t0
     for j, k in enumerate(idx):
         st = {"seconds": seconds / len(idx), "pivot_seconds": t_piv / len(idx),
@@ -427,7 +502,9 @@ def _invert_group(model: Model, prepared, prompts, idx, size, results, o: Invert
             st["final_mse"] = stats["final_mse"][j]
         results[k] = Inversion(
             prompt=prompts[k], method=o.method, steps=steps, guidance=float(o.guidance),
-            z_T=pivots[-1][j : j + 1].cpu(), uncond=uncond[:, j].cpu(), timesteps=timesteps,
+            z_T=pivots[-1][j : j + 1].cpu(), uncond=uncond.tokens[:, j].cpu(),
+            uncond_pooled=None if uncond.pooled is None else uncond.pooled[:, j].cpu(),
+            arch=model.arch, timesteps=timesteps,
             image_size=size, model_id=model.model_id, model_fingerprint=model.fingerprint,
             image_hash=prepared[k][1],
             offsets=None if offsets is None else offsets[:, j : j + 1].cpu(),

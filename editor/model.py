@@ -135,9 +135,22 @@ class Model:
         pipe.set_progress_bar_config(disable=True)
         if device is not None:
             pipe.to(torch.device(device))
-        for m in (pipe.unet, pipe.vae, pipe.text_encoder):
-            m.requires_grad_(False).eval()
-        return cls(pipe=pipe, model_id=model_id, notice=notice)
+        for m in (pipe.unet, pipe.vae, getattr(pipe, "text_encoder", None),
+                  getattr(pipe, "text_encoder_2", None)):
+            if m is not None:
+                m.requires_grad_(False).eval()
+        model = cls(pipe=pipe, model_id=model_id, notice=notice)
+        model._upcast_vae()
+        return model
+
+    def _upcast_vae(self) -> None:
+        """SDXL's VAE overflows in float16 (its config says ``force_upcast``; diffusers'
+        SDXL pipeline upcasts it around every decode): keep it in float32 for good, once,
+        here (~0.3 GB more; the fingerprint hashes floats as fp16, so it does not change)."""
+        vae = self.pipe.vae
+        if (self.is_sdxl and vae.dtype == torch.float16
+                and bool(getattr(vae.config, "force_upcast", False))):
+            vae.to(torch.float32)
 
     # -- model facts, all read from the model's own config -------------------------------------
 
@@ -154,6 +167,31 @@ class Model:
     @property
     def tokenizer(self):
         return self.pipe.tokenizer
+
+    @property
+    def is_sdxl(self) -> bool:
+        """An SDXL UNet: it takes the pooled text embedding and the size/crop ids
+        (``addition_embed_type == "text_time"`` in its config)."""
+        return getattr(self.pipe.unet.config, "addition_embed_type", None) == "text_time"
+
+    @property
+    def arch(self) -> str:
+        """``"sdxl"`` or ``"sd"`` (SD 1.x / 2.x): recorded in inversion files."""
+        return "sdxl" if self.is_sdxl else "sd"
+
+    def _encoders(self) -> list[tuple[object, torch.nn.Module]]:
+        """(tokenizer, text encoder) pairs the conditioning is made of, in order."""
+        pairs = [(getattr(self.pipe, "tokenizer", None), getattr(self.pipe, "text_encoder", None))]
+        if self.is_sdxl:
+            pairs.append((getattr(self.pipe, "tokenizer_2", None),
+                          getattr(self.pipe, "text_encoder_2", None)))
+        return [(t, e) for t, e in pairs if t is not None and e is not None]
+
+    @property
+    def text_widths(self) -> list[int]:
+        """Width of each text encoder's block of the token rows (SDXL: two blocks, the
+        encoders' outputs concatenated; SD: one)."""
+        return [int(e.config.hidden_size) for _, e in self._encoders()]
 
     @property
     def unet(self) -> torch.nn.Module:
@@ -223,17 +261,63 @@ class Model:
             )
         return prompt
 
-    def tokenize(self, prompts: list[str]) -> torch.Tensor:
-        tok = self.pipe.tokenizer(
+    def tokenize(self, prompts: list[str], tokenizer=None) -> torch.Tensor:
+        tok = (tokenizer or self.pipe.tokenizer)(
             prompts, padding="max_length", max_length=self.max_tokens, truncation=True,
             return_tensors="pt",
         )
         return tok.input_ids.to(self.device)
 
     @torch.no_grad()
+    def encode(self, prompts: list[str]) -> Cond:
+        """The UNet's text conditioning of ``prompts`` (:class:`Cond`, one row per prompt).
+
+        SD 1.x/2.x: the text encoder's last hidden states. SDXL (as diffusers'
+        ``encode_prompt``): each encoder's penultimate hidden states, concatenated along the
+        width, and the second encoder's projected pooled output (``text_embeds``). Token
+        positions are shared by both encoders: their tokenizers are the same CLIP BPE and
+        differ only in the padding token (checked per prompt,
+        :func:`editor.prompts.check_aligned`)."""
+        if not self.is_sdxl:
+            return Cond(self.pipe.text_encoder(self.tokenize(prompts))[0].to(self.dtype))
+        from .prompts import check_aligned
+
+        pairs = self._encoders()
+        if len(pairs) > 1:
+            for p in prompts:
+                check_aligned(pairs[0][0], pairs[-1][0], p)
+        rows, pooled = [], None
+        for tok, enc in pairs:
+            out = enc(self.tokenize(prompts, tok), output_hidden_states=True)
+            if pooled is None and out[0].ndim == 2:  # CLIPTextModelWithProjection's text_embeds
+                pooled = out[0]
+            rows.append(out.hidden_states[-2])
+        if pooled is None:
+            raise ValueError("this SDXL pipeline has no text encoder with a projection "
+                             "(text_encoder_2): cannot make the pooled text embedding")
+        return Cond(torch.cat(rows, dim=-1).to(self.dtype), pooled.to(self.dtype))
+
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
-        """Text-encoder output rows (B x tokens x width), the UNet's conditioning."""
-        return self.pipe.text_encoder(self.tokenize(prompts))[0].to(self.dtype)
+        """Token rows of :meth:`encode` (B x tokens x width): the cross-attention input, the
+        rows the leakage controls and text reweighting work on."""
+        return self.encode(prompts).tokens
+
+    @torch.no_grad()
+    def null(self) -> Cond:
+        """The unconditional branch's conditioning (1 row): the empty prompt's encoding; on
+        SDXL with ``force_zeros_for_empty_prompt`` (SDXL base) zeros, as its pipeline does."""
+        c = self.encode([""])
+        if self.is_sdxl and bool(dict(self.pipe.config).get("force_zeros_for_empty_prompt", False)):
+            c = Cond(torch.zeros_like(c.tokens), torch.zeros_like(c.pooled))
+        return c
+
+    def time_ids(self, latent_hw: tuple[int, int], rows: int) -> torch.Tensor:
+        """SDXL's ``add_time_ids`` (rows x 6): original size, crop top-left, target size, as
+        ``(h, w, 0, 0, h, w)`` in pixels of the working image (what is inverted and edited;
+        the size micro-conditioning of diffusers' pipeline at its default)."""
+        f = self.vae_scale_factor
+        h, w = int(latent_hw[0]) * f, int(latent_hw[1]) * f
+        return torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32).expand(rows, -1)
 
     # -- images and latents -------------------------------------------------------------------
 
@@ -253,7 +337,92 @@ class Model:
 
     # -- the UNet -------------------------------------------------------------------------------
 
-    def eps(self, x: torch.Tensor, t, emb: torch.Tensor) -> torch.Tensor:
-        """One UNet call in the UNet's dtype; the prediction back in fp32."""
+    def eps(self, x: torch.Tensor, t, emb: torch.Tensor | Cond) -> torch.Tensor:
+        """One UNet call in the UNet's dtype; the prediction back in fp32. ``emb``: a
+        :class:`Cond` (or, SD 1.x/2.x, the token rows alone), one row per latent; SDXL gets
+        its pooled row and :meth:`time_ids` as ``added_cond_kwargs``."""
         unet = self.pipe.unet
-        return unet(x.to(unet.dtype), t, encoder_hidden_states=emb.to(unet.dtype)).sample.float()
+        dt = unet.dtype
+        if not self.is_sdxl:
+            tokens = emb.tokens if isinstance(emb, Cond) else emb
+            return unet(x.to(dt), t, encoder_hidden_states=tokens.to(dt)).sample.float()
+        if not isinstance(emb, Cond) or emb.pooled is None:
+            raise ValueError("an SDXL UNet needs the pooled text embedding: pass a Cond from "
+                             "Model.encode, not token rows alone")
+        added = {"text_embeds": emb.pooled.to(dt),
+                 "time_ids": self.time_ids(x.shape[-2:], x.shape[0]).to(x.device, dt)}
+        return unet(x.to(dt), t, encoder_hidden_states=emb.tokens.to(dt),
+                    added_cond_kwargs=added).sample.float()
+
+
+@dataclass
+class Cond:
+    """The UNet's text conditioning for rows of a batch: ``tokens`` (``... x L x D``, the
+    cross-attention input; SDXL: both encoders' rows concatenated along ``D``) and, for
+    SDXL, ``pooled`` (``... x P``, the ``text_embeds`` of ``added_cond_kwargs``).
+
+    Indexing, ``expand``, ``cat`` and the dtype/device moves act on the leading (row)
+    dimensions of both, so code written for token tensors carries the pooled row along.
+    SDXL's size ids are not held here: :meth:`Model.time_ids` derives them from the latent.
+    """
+
+    tokens: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+    def _map(self, fn) -> Cond:
+        return Cond(fn(self.tokens), None if self.pooled is None else fn(self.pooled))
+
+    def __getitem__(self, idx) -> Cond:
+        return self._map(lambda t: t[idx])
+
+    def __setitem__(self, idx, value: Cond) -> None:
+        value = as_cond(value)
+        self.tokens[idx] = value.tokens
+        if self.pooled is not None:
+            if value.pooled is None:
+                raise ValueError("cannot assign token rows without their pooled rows")
+            self.pooled[idx] = value.pooled
+
+    @property
+    def rows(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def shape(self) -> torch.Size:
+        """The token rows' shape (what a tensor-only caller reads)."""
+        return self.tokens.shape
+
+    def float(self) -> Cond:
+        return self._map(lambda t: t.float())
+
+    def to(self, *args, **kwargs) -> Cond:
+        return self._map(lambda t: t.to(*args, **kwargs))
+
+    def cpu(self) -> Cond:
+        return self._map(lambda t: t.cpu())
+
+    def detach(self) -> Cond:
+        return self._map(lambda t: t.detach())
+
+    def clone(self) -> Cond:
+        return self._map(lambda t: t.clone())
+
+    def expand(self, rows: int) -> Cond:
+        """The (1-row) conditioning repeated to ``rows`` rows, as a view."""
+        return Cond(self.tokens.expand(rows, *self.tokens.shape[1:]),
+                    None if self.pooled is None else self.pooled.expand(rows, *self.pooled.shape[1:]))
+
+    @staticmethod
+    def cat(conds: list[Cond | torch.Tensor], dim: int = 0) -> Cond:
+        cs = [as_cond(c) for c in conds]
+        pooled = None
+        if any(c.pooled is not None for c in cs):
+            if not all(c.pooled is not None for c in cs):
+                raise ValueError("cannot join conditionings with and without pooled rows")
+            pooled = torch.cat([c.pooled for c in cs], dim=dim)
+        return Cond(torch.cat([c.tokens for c in cs], dim=dim), pooled)
+
+
+def as_cond(x: torch.Tensor | Cond) -> Cond:
+    """A :class:`Cond` (token rows alone become one without a pooled row)."""
+    return x if isinstance(x, Cond) else Cond(x)

@@ -49,6 +49,25 @@ def token_ids(tok, prompt: str) -> list[int]:
     return list(tok(prompt).input_ids)
 
 
+def check_aligned(tok, tok2, prompt: str) -> None:
+    """Refuse a prompt the two tokenizers of a two-encoder model (SDXL) split differently.
+
+    Everything downstream (P2P mappers, blend and reweight columns, protected rows) names
+    token *positions* found with the first tokenizer and applies them to both encoders'
+    rows; that holds when both give as many tokens and the same tokens per word. SDXL's
+    share the CLIP BPE and differ in the padding token, which comes after the end token,
+    and in one id: the second's padding token is ``"!"``, so a ``"!"`` in the prompt
+    becomes that token there (id 0, not 256): same position, other id, accepted."""
+    a, b = tokenize(tok, prompt), tokenize(tok2, prompt)
+    if len(a.ids) != len(b.ids) or a.word_tokens != b.word_tokens:
+        n = next((i for i, (x, y) in enumerate(zip(a.ids, b.ids, strict=False)) if x != y),
+                 min(len(a.ids), len(b.ids)))
+        raise ValueError(
+            f"the model's two tokenizers split the prompt {prompt!r} differently (from token "
+            f"{n}: {len(a.ids)} vs {len(b.ids)} tokens); word positions would not align across "
+            "its two text encoders")
+
+
 def _token_char_spans(tok, prompt: str, ids: list[int]) -> list[tuple[int, int]]:
     """Character span of every token of ``ids`` in ``prompt`` ((0, 0) for special tokens).
 

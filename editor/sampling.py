@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .attention import AttentionController, attention_control
 from .ddim import ddim_step
+from .model import Cond, as_cond
 from .progress import Callback, StepHook
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -36,7 +37,7 @@ def check_timesteps(model: Model, inversion: Inversion) -> None:
 
 
 @torch.no_grad()
-def denoise(model: Model, inversion: Inversion, emb: torch.Tensor, *,
+def denoise(model: Model, inversion: Inversion, emb: torch.Tensor | Cond, *,
             guidance: float | None = None, controller: AttentionController | None = None,
             blend: LocalBlend | None = None, callback: Callback | None = None,
             progress: bool = True, desc: str = "sampling") -> torch.Tensor:
@@ -46,7 +47,8 @@ def denoise(model: Model, inversion: Inversion, emb: torch.Tensor, *,
     ``[null x rows, emb]``, the local blend (if any) observes the DiffEdit difference on
     the source row and blends after the DDIM update, and ``callback(i + 1, steps)`` may
     cancel (:class:`editor.progress.Cancelled`). The controller's processors are
-    installed for the loop and restored in ``finally``.
+    installed for the loop and restored in ``finally``. ``emb``: a :class:`Cond` per row
+    (SD 1.x/2.x also takes the token rows alone).
     """
     check_timesteps(model, inversion)
     dev, steps = model.device, inversion.steps
@@ -55,6 +57,7 @@ def denoise(model: Model, inversion: Inversion, emb: torch.Tensor, *,
     w = float(inversion.guidance if guidance is None else guidance)
     rows = int(emb.shape[0])
     emb = emb.to(dev).float()
+    sdxl = isinstance(emb, Cond) and emb.pooled is not None
     latents = inversion.z_T.to(dev).float().expand(rows, -1, -1, -1).clone()
     offsets = None if inversion.offsets is None else inversion.offsets.to(dev).float()
     hook = StepHook(callback, steps, "edit" if rows > 1 else "sampling")
@@ -66,8 +69,13 @@ def denoise(model: Model, inversion: Inversion, emb: torch.Tensor, *,
                                    leave=False)):
             if controller is not None:
                 controller.set_step(i)
-            null = inversion.uncond_at(i).to(dev).float().expand(rows, -1, -1)
-            e_u, e_c = model.eps(torch.cat([latents, latents]), t, torch.cat([null, emb])).chunk(2)
+            if sdxl:
+                null = inversion.null_at(i).to(dev).float().expand(rows)
+                both = Cond.cat([null, emb])
+            else:
+                null = inversion.uncond_at(i).to(dev).float().expand(rows, -1, -1)
+                both = torch.cat([null, as_cond(emb).tokens])
+            e_u, e_c = model.eps(torch.cat([latents, latents]), t, both).chunk(2)
             if blend is not None and blend.wants_noise(i):
                 # DiffEdit-style: the target prompts on the source branch's latent
                 if controller is not None:
@@ -92,6 +100,6 @@ def reconstruct(model: Model, inversion: Inversion, *, callback: Callback | None
     """Sample back with the inversion's own prompt; null-text reproduces the input up to
     the VAE's loss (Mokady et al. 2022, sec. 3)."""
     with model.lock:
-        cond = model.encode_text([model.check_prompt(inversion.prompt)]).float()
+        cond = model.encode([model.check_prompt(inversion.prompt)]).float()
         latents = denoise(model, inversion, cond, callback=callback, progress=progress)
         return model.decode_latents(latents)[0]

@@ -70,3 +70,18 @@ def test_bench_requirements_refuses_bad_input(capsys):
     assert "--arch sd15 only" in capsys.readouterr().err
     assert main(["bench", "requirements", "--steps", "0", "--device", "cpu"]) == 2
     assert "steps must be an integer 1..50" in capsys.readouterr().err
+
+
+def test_bench_gpu_sdxl_cpu_smoke(tmp_path, capsys):
+    """``bench gpu --arch sdxl``: an SDXL-shaped random pipeline (tiny in smoke mode) runs
+    null-text and one edit; the fast-path variants are skipped (SD 1.x/2.x only)."""
+    assert main(["bench", "gpu", "--arch", "sdxl", "--cpu-smoke", "--steps", "1", "--inner", "1",
+                 "--variants", "eager-fp32,eager-bf16,cuda-graph-bf16"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["arch"] == "sdxl" and res["model"] == "sdxl-random-smoke"
+    assert res["image_size"] == 128 and res["targets"] is None
+    r = res["results"]
+    assert r["eager-fp32"]["batch1"]["seconds_per_image"] > 0
+    assert r["eager-bf16"]["batch1"]["seconds_per_image"] > 0 and "batch2" not in r["eager-bf16"]
+    assert "SD 1.x/2.x UNets only" in r["cuda-graph-bf16"]["skipped"]
+    assert res["edit_fp32"]["seconds"] > 0 and res["edit_bf16"]["seconds"] > 0
