@@ -259,7 +259,8 @@ def protect_embeddings(
     plan = plan_protection(model.pipe.tokenizer, prompt, phrases, emb.shape[-2], source_prompt)
     return apply_protection(model.encode_text, emb, plan, mode=mode, strength=strength,
                             rows=rows, center=center,
-                            blocks=model.text_widths if model.is_sdxl else None)
+                            blocks=model.text_widths if getattr(model, "is_sdxl", False)
+                            else None)
 
 
 # -- reweighting a word's share of the text encoding ---------------------------------------------

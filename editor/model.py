@@ -332,6 +332,12 @@ class Model:
     def decode_latents(self, latents: torch.Tensor) -> list[Image.Image]:
         vae = self.pipe.vae
         x = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(
+                f"the VAE decoded NaN or infinite values (VAE in {str(vae.dtype)[6:]}"
+                + ("; float16 VAEs overflow, SDXL's in particular: load the model in float32 "
+                   "or bfloat16, or use a VAE fixed for float16)" if vae.dtype == torch.float16
+                   else ")"))
         x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
         return [Image.fromarray(a) for a in x]
 

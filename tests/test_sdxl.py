@@ -315,3 +315,46 @@ def test_generate_runs_on_sdxl(xl):
 
     img = xl.generate(PROMPT, GenerateOptions(steps=2, seed=3))
     assert img.size == (64, 64)
+
+
+def test_fp16_sdxl_vae_is_upcast():
+    """SDXL VAEs overflow in float16 (``force_upcast`` in their config): kept in float32."""
+    xl = tiny_sdxl()
+    pipe = xl.pipe
+    pipe.vae.to(torch.float16)
+    assert pipe.vae.config.force_upcast
+    m = Editor.from_pipe(pipe, "tiny-sdxl-fp16-vae").model
+    assert m.pipe.vae.dtype == torch.float32
+    lat = m.encode_image(to_tensor(scenes.sample(5, n_objects=1).image))
+    assert lat.dtype == torch.float32 and m.decode_latents(lat)[0].size == (64, 64)
+
+
+def test_cli_invert_edit_reconstruct_with_an_sdxl_folder(tmp_path, capsys, editor, scene):
+    """The CLI on an SDXL diffusers folder (``--model FOLDER``): invert, edit, reconstruct;
+    an SD inversion given to it is one line and exit status 2."""
+    from PIL import Image
+
+    from editor.cli import main
+
+    folder = tmp_path / "tiny-sdxl"
+    tiny_sdxl().pipe.save_pretrained(folder)
+    img = tmp_path / "scene.png"
+    scene.image.save(img)
+    model = ["--model", str(folder), "--device", "cpu"]
+    inv_path = tmp_path / "scene.safetensors"
+    assert main(["invert", str(img), "--prompt", scene.caption, "--method", "null-text",
+                 "--steps", "3", "-o", str(inv_path), *model]) == 0
+    inv = Inversion.load(inv_path)
+    assert inv.arch == "sdxl" and inv.uncond_pooled.shape == (3, 32)
+    out = tmp_path / "edit.png"
+    assert main(["edit", str(inv_path), "--target", _target(scene), "-o", str(out), *model]) == 0
+    assert Image.open(out).size == (64, 64)
+    rec = tmp_path / "rec.png"
+    assert main(["reconstruct", str(inv_path), "-o", str(rec), *model]) == 0
+    assert psnr(Image.open(rec).convert("RGB"), scene.image) > 25
+    capsys.readouterr()
+    sd_inv = editor.invert(scene.image, scene.caption, InvertOptions(method="ddim", steps=2),
+                           progress=False).save(tmp_path / "sd.safetensors")
+    assert main(["reconstruct", str(sd_inv), "-o", str(tmp_path / "x.png"), *model]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "SD 1.x/2.x model" in err[0] and "SDXL model" in err[0]
