@@ -134,6 +134,14 @@ class Editor:
         return self.model.is_bundled
 
     @property
+    def is_sdxl(self) -> bool:
+        return self.model.is_sdxl
+
+    @property
+    def arch(self) -> str:
+        return self.model.arch
+
+    @property
     def lock(self) -> threading.RLock:
         return self.model.lock
 

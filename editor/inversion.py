@@ -97,7 +97,7 @@ class Inversion:
                 f"this inversion was made with {names.get(self.arch, self.arch)} model "
                 f"({printable(self.model_id)!r}, text rows {self.uncond.shape[-1]} wide); the "
                 f"loaded model {model.model_id!r} is {names[model.arch]} model (text rows "
-                f"{model.unet.config.cross_attention_dim} wide). Invert the image again with "
+                f"{model.pipe.unet.config.cross_attention_dim} wide). Invert the image again with "
                 "this model, or load the model it was made with (--model-from-inversion).")
         if self.model_fingerprint != model.fingerprint:
             raise ValueError(
