@@ -329,15 +329,22 @@ def test_fp16_sdxl_vae_is_upcast():
     assert lat.dtype == torch.float32 and m.decode_latents(lat)[0].size == (64, 64)
 
 
-def test_cli_invert_edit_reconstruct_with_an_sdxl_folder(tmp_path, capsys, editor, scene):
+@pytest.fixture(scope="module")
+def xl_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sdxl") / "tiny-sdxl"
+    tiny_sdxl().pipe.save_pretrained(folder)
+    return folder
+
+
+def test_cli_invert_edit_reconstruct_with_an_sdxl_folder(tmp_path, capsys, editor, scene,
+                                                         xl_folder):
     """The CLI on an SDXL diffusers folder (``--model FOLDER``): invert, edit, reconstruct;
     an SD inversion given to it is one line and exit status 2."""
     from PIL import Image
 
     from editor.cli import main
 
-    folder = tmp_path / "tiny-sdxl"
-    tiny_sdxl().pipe.save_pretrained(folder)
+    folder = xl_folder
     img = tmp_path / "scene.png"
     scene.image.save(img)
     model = ["--model", str(folder), "--device", "cpu"]
@@ -358,3 +365,21 @@ def test_cli_invert_edit_reconstruct_with_an_sdxl_folder(tmp_path, capsys, edito
     assert main(["reconstruct", str(sd_inv), "-o", str(tmp_path / "x.png"), *model]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "SD 1.x/2.x model" in err[0] and "SDXL model" in err[0]
+
+
+def test_batch_runs_on_an_sdxl_folder(tmp_path, capsys, scene, xl_folder):
+    """``pivot-edit batch`` on an SDXL model: one image, two edits, through the manifest."""
+    import json
+
+    from editor.cli import main
+
+    scene.image.save(tmp_path / "a.png")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"image": "a.png", "prompt": scene.caption,
+                                    "edits": [_target(scene), _target(scene, "red")],
+                                    "method": "negative-prompt", "steps": 3}) + "\n")
+    out = tmp_path / "out"
+    assert main(["batch", str(manifest), "--out", str(out), "--model", str(xl_folder),
+                 "--device", "cpu"]) == 0
+    assert "1/1 item(s) ok" in capsys.readouterr().out
+    assert len(list(out.rglob("*.png"))) >= 2
