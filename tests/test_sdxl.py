@@ -383,3 +383,28 @@ def test_batch_runs_on_an_sdxl_folder(tmp_path, capsys, scene, xl_folder):
                  "--device", "cpu"]) == 0
     assert "1/1 item(s) ok" in capsys.readouterr().out
     assert len(list(out.rglob("*.png"))) >= 2
+
+
+def test_web_app_handlers_invert_and_edit_on_sdxl(xl, tmp_path):
+    """The web app's handlers (as tests/test_ui.py calls them) on an SDXL model."""
+    from functools import partial
+
+    from PIL import Image
+
+    from ui import app
+
+    def noop(*args, **kwargs):
+        return None
+
+    ctx = app.make_context(xl, tmp_path / "ui")
+    path, caption = app.example_files()[0]
+    recon, status, inv_path, _, session, _, _ = partial(app.invert_image, progress=noop)(
+        ctx, path, caption, "null-text", 3, 7.5, None)
+    assert "PSNR" in status and Inversion.load(inv_path).arch == "sdxl"
+    target = caption.replace("red", "blue") if "red" in caption else caption + " and a red square"
+    (before, after), gallery, maps, png, status, _, native_png = partial(
+        app.edit_image, progress=noop)(ctx, target, 0.8, 0.4, True, "", "", "", "replace", 0.5,
+                                       session)
+    assert "Edited" in status and Image.open(native_png).size == (64, 64)
+    assert [c for _, c in gallery] == [target] and maps
+    assert "SDXL" in app.model_markdown(xl) or xl.model_id in app.model_markdown(xl)
