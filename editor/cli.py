@@ -35,6 +35,7 @@ from .options import (
     InvertOptions,
     LoadOptions,
 )
+from .progress import quiet_libraries
 
 if TYPE_CHECKING:  # pragma: no cover
     from .facade import Editor
@@ -157,20 +158,6 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
 def generate_options(args: argparse.Namespace) -> GenerateOptions:
     return GenerateOptions.from_mapping(given(args, {"seed": "seed", "steps": "steps",
                                                      "guidance": "guidance"}))
-
-
-def quiet_libraries() -> None:
-    """Keep diffusers/transformers to errors only and hide their loading bars (CLI output
-    should be our own lines; the sampling progress bars we own stay)."""
-    import warnings
-
-    from diffusers.utils import logging as dlog
-    from transformers.utils import logging as tlog
-
-    for log in (dlog, tlog):
-        log.set_verbosity_error()
-        log.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"diffusers\..*")
 
 
 def load_editor(args: argparse.Namespace, inversion=None) -> Editor:

@@ -31,3 +31,17 @@ class StepHook:
     def __call__(self, done: int) -> None:
         if self.callback is not None and self.callback(done, self.total) is False:
             raise Cancelled(f"{self.what} cancelled after {done} of {self.total} steps")
+
+
+def quiet_libraries() -> None:
+    """Keep diffusers/transformers to errors only and hide their loading bars (a face's
+    output should be its own lines; the sampling progress bars the engine owns stay)."""
+    import warnings
+
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    for log in (dlog, tlog):
+        log.set_verbosity_error()
+        log.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"diffusers\..*")

@@ -46,6 +46,7 @@ from .batch import (
 from .fileio import OutputLock, check_output_folder, slugify
 from .manifest import BatchItem
 from .options import EngineOptions, LoadOptions
+from .progress import quiet_libraries
 
 #: How to get the engine (the one line a run without Ray prints).
 RAY_EXTRA = 'pip install "pivot-edit[ray]"'
@@ -87,15 +88,7 @@ class _NoBar:
 
 
 def _quiet_worker() -> None:
-    import warnings
-
-    from diffusers.utils import logging as dlog
-    from transformers.utils import logging as tlog
-
-    for log in (dlog, tlog):
-        log.set_verbosity_error()
-        log.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"diffusers\..*")
+    quiet_libraries()
     os.environ["TQDM_DISABLE"] = "1"
 
 
