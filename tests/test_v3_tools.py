@@ -88,6 +88,14 @@ def test_measure_attention_rows_and_shares(editor):
     assert words[first["shape"][0] - 1] == words[second["shape"][0] - 1] == "circle"
     assert first["shape"] != second["shape"]  # the same word, read from its own object
     assert words[second["color"][0] - 1] == sc.objects[1].color
+    mask = np.zeros((8, 8), bool)
+    mask[2:5, 3:6] = True
+    maps = torch.zeros(3, 8, 8)
+    maps[1] = torch.from_numpy(mask.astype(np.float32)) * 0.3 + 0.01
+    v, flat = ma.word_iou(maps, [1], mask, 0.5)  # a map on the object: IoU 1
+    assert v == 1.0 and flat < 0.2
+    v, flat = ma.word_iou(maps + 1.0, [1], mask, 0.5)  # a flat map covers everything
+    assert v == mask.mean() and flat > 0.7
     res = ma.measure(editor, "noised", 1, 1, 6_000_000, timesteps=1)
     assert abs(sum(res["shares"].values()) - 1.0) < 1e-4
     for key in ("single", "two"):

@@ -9,7 +9,8 @@ cross-attention layer, head and step:
 - **Shares**: per key row, the attention summed over the layer's queries and heads
   (each layer call weighs the same, as ``tools/measure_leakage.py attention`` does), then
   normalised per scene: ``bos`` (row 0), ``words`` (the caption's tokens), ``eos`` (the
-  first EOS row) and ``padding`` (every row after it).
+  first EOS row) and ``padding`` (every row after it); ``padding_if_uniform`` is the
+  share attention spread evenly over all rows would give (the padding rows' count / 77).
 - **Word maps**: per word, the maps of the down and up blocks (not the mid block, as
   P2P's local blend), averaged over heads, steps and layers (each map size upsampled
   bilinearly to the largest, then to the image), normalised by the map's maximum and
@@ -121,10 +122,13 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float((a & b).sum() / union) if union else 0.0
 
 
-def word_iou(maps: torch.Tensor, rows: list[int], mask: np.ndarray, threshold: float) -> float:
+def word_iou(maps: torch.Tensor, rows: list[int], mask: np.ndarray, threshold: float
+             ) -> tuple[float, float]:
+    """IoU of the word's thresholded map with ``mask``, and the map's flatness (mean / max:
+    1 for a flat map, small for a peaked one)."""
     m = maps[rows].mean(0)
     m = (m / m.max().clamp_min(1e-12)).cpu().numpy()
-    return iou(m >= threshold, mask)
+    return iou(m >= threshold, mask), float(m.mean())
 
 
 def _scenes(n: int, n_objects: int, seed: int, size: int) -> list[tuple[int, scenes.Scene]]:
@@ -176,7 +180,8 @@ def measure(editor: Editor, mode: str, n: int, n_two: int, seed: int, *, steps: 
     tok = editor.pipe.tokenizer
     size = editor.model.native_size
     eos_id = tok.eos_token_id
-    shares: dict[str, list[float]] = {"bos": [], "words": [], "eos": [], "padding": []}
+    shares: dict[str, list[float]] = {"bos": [], "words": [], "eos": [], "padding": [],
+                                      "padding_if_uniform": []}
     out: dict = {"mode": mode, "n_single": n, "n_two": n_two, "threshold": threshold,
                  "hit_iou": hit_iou, "image_size": size}
     if mode == "generate":
@@ -185,6 +190,7 @@ def measure(editor: Editor, mode: str, n: int, n_two: int, seed: int, *, steps: 
         out.update(timesteps=timesteps)
     for n_obj, count, first in ((1, n, seed), (2, n_two, seed + 100_000)):
         ious: dict[str, list[float]] = {"color": [], "shape": []}
+        flat: list[float] = []
         hits, drawn = [], []
         cases = _scenes(count, n_obj, first, size)
         for b0 in range(0, count, batch):
@@ -199,14 +205,18 @@ def measure(editor: Editor, mode: str, n: int, n_two: int, seed: int, *, steps: 
                 mass = col.mass[j] / col.mass[j].sum()
                 for k, rows in token_groups(ids, eos_id).items():
                     shares[k].append(float(mass[rows].sum()))
+                # what attention spread evenly over the rows would give
+                shares["padding_if_uniform"].append(len(token_groups(ids, eos_id)["padding"])
+                                                    / len(ids))
                 scene_hit = True
                 for o, obj in enumerate(sc.objects):
                     mask = np.asarray(masks[j][o], bool)
                     if imgs is not None:
                         drawn.append(bool(mask.any()))
                     for w, rows in word_rows(tok, cap, obj).items():
-                        v = word_iou(maps[j], rows, mask, threshold)
+                        v, fl = word_iou(maps[j], rows, mask, threshold)
                         ious[w].append(v)
+                        flat.append(fl)
                         scene_hit &= v >= hit_iou
                 hits.append(scene_hit)
         key = "single" if n_obj == 1 else "two"
@@ -217,6 +227,7 @@ def measure(editor: Editor, mode: str, n: int, n_two: int, seed: int, *, steps: 
                 "hit_color": float(np.mean([v >= hit_iou for v in ious["color"]])),
                 "hit_shape": float(np.mean([v >= hit_iou for v in ious["shape"]])),
                 "hit_scene": float(np.mean(hits)),  # every word of every object hits
+                "map_mean_over_max": float(np.mean(flat)),
             }
             if drawn:
                 out[key]["object_drawn"] = float(np.mean(drawn))
@@ -227,7 +238,8 @@ def measure(editor: Editor, mode: str, n: int, n_two: int, seed: int, *, steps: 
 def markdown_table(result: dict) -> str:
     """The docs' table: one row per model and mode."""
     head = ("| model | mode | padding share | EOS | BOS | words | 1 obj: colour IoU | 1 obj: shape IoU "
-            "| 1 obj: both words hit | 2 obj: colour IoU | 2 obj: shape IoU | 2 obj: all words hit |")
+            "| 1 obj: both words hit | 1 obj: map mean/max | 2 obj: colour IoU | 2 obj: shape IoU "
+            "| 2 obj: all words hit |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, entry in result["models"].items():
         for mode in ("generate", "noised"):
@@ -239,10 +251,12 @@ def markdown_table(result: dict) -> str:
             def f(d, k, pct=False):
                 return "-" if k not in d else (f"{100 * d[k]:.0f}%" if pct else f"{d[k]:.2f}")
 
-            lines.append(f"| {name} | {mode} | {f(sh, 'padding', True)} | {f(sh, 'eos', True)} | "
+            uni = f" (uniform {f(sh, 'padding_if_uniform', True)})" if "padding_if_uniform" in sh else ""
+            lines.append(f"| {name} | {mode} | {f(sh, 'padding', True)}{uni} | {f(sh, 'eos', True)} | "
                          f"{f(sh, 'bos', True)} | {f(sh, 'words', True)} | "
                          f"{f(one, 'iou_color_mean')} | {f(one, 'iou_shape_mean')} | "
-                         f"{f(one, 'hit_scene', True)} | {f(two, 'iou_color_mean')} | "
+                         f"{f(one, 'hit_scene', True)} | {f(one, 'map_mean_over_max')} | "
+                         f"{f(two, 'iou_color_mean')} | "
                          f"{f(two, 'iou_shape_mean')} | {f(two, 'hit_scene', True)} |")
     return "\n".join(lines)
 
