@@ -97,7 +97,9 @@ def test_measure_attention_rows_and_shares(editor):
     v, flat = ma.word_iou(maps + 1.0, [1], mask, 0.5)  # a flat map covers everything
     assert v == mask.mean() and flat > 0.7
     res = ma.measure(editor, "noised", 1, 1, 6_000_000, timesteps=1)
-    assert abs(sum(res["shares"].values()) - 1.0) < 1e-4
+    shares = res["shares"]
+    assert abs(sum(shares[k] for k in ("bos", "words", "eos", "padding")) - 1.0) < 1e-4
+    assert 0.5 < shares["padding_if_uniform"] < 1.0
     for key in ("single", "two"):
         assert 0.0 <= res[key]["iou_color_mean"] <= 1.0
 
