@@ -829,7 +829,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"DDIM steps (default: {_INV.steps})")
     p.add_argument("--guidance", type=float, default=_INV.guidance,
                    help=f"guidance (default: {_INV.guidance})")
-    p.add_argument("--inner-steps", type=int, default=_INV.num_inner_steps,
+    p.add_argument("--inner-steps", "--num-inner-steps", dest="inner_steps", type=int,
+                   default=_INV.num_inner_steps,
                    help=f"null-text: Adam steps per timestep (default: {_INV.num_inner_steps})")
     p.add_argument("--early-stop", type=float, default=_INV.early_stop_epsilon,
                    help="null-text: stop a timestep when loss < this + i*2e-5 "
@@ -928,7 +929,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help=f"DDIM steps (default: {_INV.steps})")
     p.add_argument("--guidance", type=float, default=None,
                    help=f"guidance scale (default: {_INV.guidance})")
-    p.add_argument("--num-inner-steps", type=int, default=None,
+    p.add_argument("--inner-steps", "--num-inner-steps", dest="num_inner_steps", type=int,
+                   default=None,
                    help=f"null-text optimisation steps per timestep (default: {_INV.num_inner_steps})")
     p.add_argument("--no-reconstruction", action="store_true",
                    help="do not write OUT/<id>/reconstruction.png")
@@ -968,7 +970,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None,
                    help="DDIM steps (default: 50; 20 for --bench shapes)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: 7.5)")
-    p.add_argument("--num-inner-steps", type=int, default=None,
+    p.add_argument("--inner-steps", "--num-inner-steps", dest="num_inner_steps", type=int,
+                   default=None,
                    help="null-text optimisation steps per timestep (default: 10)")
     p.add_argument("--n", type=int, default=3, help="ShapesBench cases per kind (default: 3)")
     p.add_argument("--seed", type=int, default=0, help="ShapesBench seed (default: 0)")

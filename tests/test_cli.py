@@ -114,3 +114,15 @@ def test_threads_default_to_the_free_cores_and_can_be_set(monkeypatch):
         assert args.threads == 2
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("argv, dest", [
+    (["invert", "x.png", "--prompt", "a cat", "-o", "x.safetensors"], "inner_steps"),
+    (["batch", "m.jsonl", "--out", "o"], "num_inner_steps"),
+    (["compare", "--bench", "shapes", "--out", "o"], "num_inner_steps"),
+])
+def test_inner_steps_has_one_name_everywhere(argv, dest):
+    """``--inner-steps`` (and the older ``--num-inner-steps``) on every verb that inverts."""
+    for flag in ("--inner-steps", "--num-inner-steps"):
+        args = build_parser().parse_args([*argv, flag, "3"])
+        assert getattr(args, dest) == 3
