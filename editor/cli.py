@@ -160,6 +160,22 @@ def generate_options(args: argparse.Namespace) -> GenerateOptions:
                                                      "guidance": "guidance"}))
 
 
+def check_auto_for_inversion(inversion) -> None:
+    """Before ``--model auto`` downloads SD 1.5 for an inversion made with another model
+    (which would then be refused): say so, and name the flags that load the right one."""
+    from .loading import SD15, _hub_cached, resolve_model
+
+    if inversion.model_id == SD15 or _hub_cached(SD15):
+        return  # the same model, or no download: the fingerprint check decides
+    location, _ = resolve_model("auto")
+    if location == SD15:
+        made = printable(inversion.model_id)
+        raise ValueError(
+            f"this inversion was made with model {made!r}, but --model auto would download "
+            f"{SD15} (about 4 GB) and then refuse it; pass --model {made} or "
+            "--model-from-inversion")
+
+
 def load_editor(args: argparse.Namespace, inversion=None) -> Editor:
     """Load the model named by ``args.model``; print the fallback notice (if any) to stderr.
 
@@ -171,6 +187,8 @@ def load_editor(args: argparse.Namespace, inversion=None) -> Editor:
     quiet_libraries()
     configure_threads(getattr(args, "threads", None))
     model = args.model
+    if inversion is not None and model == "auto" and not getattr(args, "model_from_inversion", False):
+        check_auto_for_inversion(inversion)
     if inversion is not None and getattr(args, "model_from_inversion", False):
         model = inversion.model_id
         print(f"loading the model the inversion file names: {printable(model)!r}",

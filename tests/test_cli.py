@@ -126,3 +126,24 @@ def test_inner_steps_has_one_name_everywhere(argv, dest):
     for flag in ("--inner-steps", "--num-inner-steps"):
         args = build_parser().parse_args([*argv, flag, "3"])
         assert getattr(args, dest) == 3
+
+
+def test_auto_does_not_download_sd15_for_another_models_inversion(monkeypatch):
+    """``edit``/``reconstruct`` with ``--model auto`` and an inversion made with the bundled
+    model: when auto would download SD 1.5, the error comes first and names the fix."""
+    from types import SimpleNamespace
+
+    from editor import cli, loading
+
+    monkeypatch.setattr(loading, "_hub_cached", lambda repo: False)
+    monkeypatch.setattr(loading, "_hub_reachable", lambda timeout=3.0: True)
+    args = SimpleNamespace(model="auto", model_from_inversion=False, threads=1)
+    inv = SimpleNamespace(model_id="shapes")
+    with pytest.raises(ValueError, match="--model shapes or --model-from-inversion"):
+        cli.load_editor(args, inv)
+    # offline, auto is the bundled model: nothing to warn about
+    monkeypatch.setattr(loading, "_hub_reachable", lambda timeout=3.0: False)
+    cli.check_auto_for_inversion(inv)
+    # an SD 1.5 inversion: auto is the right model
+    monkeypatch.setattr(loading, "_hub_reachable", lambda timeout=3.0: True)
+    cli.check_auto_for_inversion(SimpleNamespace(model_id=loading.SD15))
