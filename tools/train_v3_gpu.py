@@ -66,11 +66,12 @@ PRESETS: dict[str, dict] = {
         "clip": ["--dataset", "20000", "--image-size", "32", "--tower-channels", "16,32,64,64",
                  "--two-object", "0.6", "--graded", "0.3", "--steps", "3000", "--batch", "128",
                  "--budget", "600", "--eval", "128"],
+        # as run for docs/model_v3.md on a loaded 2-core machine (each arm 1,500 s)
         "unet": ["--image-size", "32", "--unet-channels", "32,64,64", "--layers-per-block", "1",
-                 "--dataset", "20000", "--two-object", "0.6", "--graded", "0.3",
-                 "--unet-steps", "1000", "--batch", "32", "--lr", "1e-3", "--ema", "0.99",
-                 "--eval", "16", "--eval-steps", "25", "--psnr-scenes", "64"],
-        "attention": ["--n", "32", "--n-two", "16", "--steps", "25", "--timesteps", "10"],
+                 "--dataset", "4000", "--two-object", "0.6", "--graded", "0.3",
+                 "--unet-steps", "600", "--unet-budget", "1500", "--batch", "32", "--lr", "1e-3",
+                 "--ema", "0.99", "--eval", "16", "--eval-steps", "25", "--psnr-scenes", "32"],
+        "attention": ["--n", "24", "--n-two", "12", "--steps", "25", "--timesteps", "10"],
         "joint": True,
         "remeasure": None,
     },
@@ -138,6 +139,8 @@ def plan(args) -> list[tuple[str, str, list[str]]]:
                                               *dev, *workers, *pre["clip"]]))
     common = ["--tokenizer-from", str(clip / "tokenizer"), "--vae-from", str(args.vae_from),
               *dev, *workers, *pre["unet"]]
+    if pre["joint"]:  # both arms train on the very same cached latents
+        common += ["--data-cache", str(out / "data")]
     if "unet" in stages:
         steps.append(("unet", "train_shapes", ["--out", str(v3), *common, "--text-from",
                                                 str(clip / "text_encoder"), "--freeze-text"]))
