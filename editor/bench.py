@@ -162,6 +162,94 @@ def bench_inversion(editor: Editor, *, steps: int = 50, guidance: float = 7.5,
     return out
 
 
+# -- null-text early stopping (``pivot-edit bench early-stop``) ------------------------------
+
+
+def inner_passes(used: list[list[int]], num_inner_steps: int, check_every: int) -> list[int]:
+    """UNet passes the inner loop ran per timestep, from the per-image counts of active steps
+    (``stats["inner_steps"]``, images x steps) and how often the host checked the stop mask.
+
+    Images only ever stop (never restart) within a timestep, so the batch's last image stops
+    after ``max(used)`` steps; the host sees it at the next multiple of ``check_every`` (``0``:
+    never, every inner step runs). This is the loop's own rule
+    (:func:`editor.inversion.null_text_optimization`)."""
+    n = num_inner_steps
+    out = []
+    for col in zip(*used, strict=True):
+        last = max(col)
+        out.append(n if check_every == 0 else min(n, -(-last // check_every) * check_every))
+    return out
+
+
+#: Scenes for the early-stop measurement: the four benchmark scenes and four more (seeds far
+#: from the training range and the tests).
+EARLY_STOP_SEEDS = BENCH_SEEDS + (9_100_005, 9_100_006, 9_100_007, 9_100_008)
+
+
+def bench_early_stop(editor: Editor, *, steps: int = 50, guidance: float = 7.5,
+                     num_inner_steps: int = 10, epsilon: float = 1e-5,
+                     seeds: tuple[int, ...] = EARLY_STOP_SEEDS, batch: int = 1,
+                     check_every: tuple[int, ...] = (1, 2, 5, 0)) -> dict[str, Any]:
+    """What null-text's early stop saves on real-looking inputs (the model's own scenes; a
+    random-weight model never stops early), and what it costs in reconstruction.
+
+    Runs: ``off`` (every inner step, no early stop) and, with the stop (loss < eps + 2e-5 i,
+    Mokady et al.), one run per host check interval ``k`` in ``check_every`` (``1``: the
+    published loop's check after every inner step; ``0``: never: stopped images are masked on
+    the device and all inner steps run). ``k`` changes speed, never the result (tested), so
+    the stopped runs share one reconstruction PSNR. Per run: seconds per image, inner steps
+    that updated an embedding (``used``) and UNet passes the inner loop ran (``passes``),
+    both per image and timestep, and the reconstruction PSNR against the input."""
+    from .inversion import invert_batch
+
+    items = [scenes.sample(s, n_objects=1 + k % 2, size=editor.native_size)
+             for k, s in enumerate(seeds)]
+    imgs, caps = [sc.image for sc in items], [sc.caption for sc in items]
+    groups = [list(range(i, min(i + batch, len(items)))) for i in range(0, len(items), batch)]
+    out: dict[str, Any] = {"model": editor.model_id, "steps": steps, "guidance": guidance,
+                           "num_inner_steps": num_inner_steps, "epsilon": epsilon,
+                           "scenes": len(items), "batch": batch, "machine": machine(),
+                           "vae_ceiling_psnr": float(np.mean(vae_ceiling(editor, imgs))),
+                           "runs": {}}
+    runs = [("off", None, 0)] + [(f"stop-k{k}", epsilon, k) for k in check_every]
+    psnr_of: dict[Any, list[float]] = {}
+    invert_batch(editor.model, imgs[:1], caps[:1], InvertOptions(  # warm-up, not timed
+        steps=2, num_inner_steps=1, check_reconstruction=False), progress=False)
+    secs: dict[str, list[float]] = {name: [] for name, _, _ in runs}
+    # every run twice, the second pass in reverse order (A-B-..-B-A): load drift on a shared
+    # machine biases no run
+    for name, eps, k in runs + runs[::-1]:
+        opts = InvertOptions(steps=steps, guidance=guidance, num_inner_steps=num_inner_steps,
+                             early_stop_epsilon=eps, sync_every=k, check_reconstruction=False)
+        sec, used, passes, invs = 0.0, [], [], []
+        for g in groups:
+            t0 = time.perf_counter()
+            got = invert_batch(editor.model, [imgs[i] for i in g], [caps[i] for i in g], opts,
+                               progress=False)
+            sec += time.perf_counter() - t0
+            u = [inv.stats["inner_steps"] for inv in got]
+            used += [sum(x) / steps for x in u]
+            passes.append(sum(inner_passes(u, num_inner_steps, k)) / steps)
+            invs += got
+        secs[name].append(sec / len(items))
+        if eps not in psnr_of:
+            psnr_of[eps] = [psnr(editor.reconstruct(inv, progress=False), im)
+                            for inv, im in zip(invs, imgs, strict=True)]
+        vals = psnr_of[eps]
+        out["runs"][name] = {
+            "early_stop_epsilon": eps, "check_every": k,
+            "seconds_per_image": float(np.mean(secs[name])), "seconds_each_pass": secs[name],
+            "used_per_timestep": float(np.mean(used)),
+            "passes_per_timestep": float(np.mean(passes)),
+            "psnr": float(np.mean(vals)), "psnr_each": vals}
+    base = out["runs"]["off"]
+    for r in out["runs"].values():
+        r["seconds_saved"] = 1 - r["seconds_per_image"] / base["seconds_per_image"]
+        r["passes_saved"] = 1 - r["passes_per_timestep"] / base["passes_per_timestep"]
+        r["psnr_delta_db"] = r["psnr"] - base["psnr"]
+    return out
+
+
 # -- GPU speed at Stable Diffusion 1.5 size (``pivot-edit bench gpu``) -------------------------
 
 #: SD 1.5's UNet (859.5 M parameters).

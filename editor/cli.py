@@ -637,6 +637,32 @@ def cmd_bench_inversion(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_early_stop(args: argparse.Namespace) -> int:
+    """What null-text's early stop saves (inner steps, seconds) and costs (PSNR); print JSON."""
+    from .bench import EARLY_STOP_SEEDS, bench_early_stop
+
+    editor = load_editor(args)
+    try:
+        ks = tuple(int(k) for k in args.check_every.split(",") if k.strip())
+    except ValueError:
+        raise ValueError(f"--check-every must be a comma list of integers, got "
+                         f"{args.check_every!r}") from None
+    if any(k < 0 for k in ks):
+        raise ValueError("--check-every takes integers >= 0 (0: never)")
+    n = args.scenes
+    if not 1 <= n <= len(EARLY_STOP_SEEDS):
+        raise ValueError(f"--scenes must be 1..{len(EARLY_STOP_SEEDS)}, got {n}")
+    out = bench_early_stop(editor, steps=args.steps, num_inner_steps=args.inner_steps,
+                           seeds=EARLY_STOP_SEEDS[:n], batch=args.batch, check_every=ks)
+    text = json.dumps(out, indent=1)
+    if args.out:
+        from .fileio import atomic_write_bytes
+
+        atomic_write_bytes(Path(args.out), text.encode())
+    print(text)
+    return 0
+
+
 def cmd_bench_fullres(args: argparse.Namespace) -> int:
     """Peak memory and time of one edit returned at a photo's full size; print JSON."""
     from .bench import bench_fullres
@@ -765,6 +791,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default="null-text,negative-prompt,direct,ddim",
                    help="comma-separated methods to measure ('' for none: reference timing only)")
     p.set_defaults(func=cmd_bench_inversion)
+
+    p = bench_sub.add_parser(
+        "early-stop", help="what null-text's early stop saves and costs, per host check interval",
+        description="Invert the model's own scenes with null-text without early stopping and "
+                    "with it, the host reading the device-side stop mask every k inner steps "
+                    "(1 = the published loop, 0 = never): seconds, inner steps run, "
+                    "reconstruction PSNR.")
+    add_model_args(p, default="shapes")
+    p.add_argument("--steps", type=int, default=_INV.steps,
+                   help=f"DDIM steps (default: {_INV.steps})")
+    p.add_argument("--inner-steps", type=int, default=_INV.num_inner_steps,
+                   help=f"Adam steps per timestep (default: {_INV.num_inner_steps})")
+    p.add_argument("--check-every", default="1,2,5,0",
+                   help="comma list of host check intervals k (default: 1,2,5,0)")
+    p.add_argument("--scenes", type=int, default=8, help="scenes (1..8; default: 8)")
+    p.add_argument("--batch", type=int, default=1, help="images per inversion (default: 1)")
+    p.add_argument("--out", default=None, metavar="FILE.json", help="also write the JSON here")
+    p.set_defaults(func=cmd_bench_early_stop)
 
     p = bench_sub.add_parser(
         "fullres", help="memory and time of an edit returned at a photo's full size",
