@@ -224,6 +224,10 @@ class AttentionStore:
             self.sums[key] = maps.clone()
             self.counts[key] = 1
 
+    def _count(self, key: StoreKey) -> int | torch.Tensor:
+        """The number of maps summed under ``key`` (a tensor in the static store)."""
+        return self.counts[key]
+
     def average(self, keys: list[StoreKey] | None = None) -> torch.Tensor | None:
         """Mean map over the given keys, at the largest of their sizes: ``rows x tokens x h x w``."""
         keys = [k for k in (keys or sorted(self.sums)) if k in self.sums]
@@ -232,7 +236,7 @@ class AttentionStore:
         top = max((k[:2] for k in keys), key=lambda s: s[0] * s[1])
         out = None
         for k in keys:
-            m = self.sums[k] / self.counts[k]  # rows x q x L
+            m = self.sums[k] / self._count(k)  # rows x q x L
             m = m.permute(0, 2, 1).reshape(m.shape[0], m.shape[2], k[0], k[1])
             if k[:2] != top:
                 m = F.interpolate(m, size=top, mode="bilinear", align_corners=False)
@@ -320,12 +324,23 @@ class PromptToPrompt(AttentionController):
                     mapped = mapped * t + own * (1 - t)
                 if self.equalizer is not None:
                     mapped = mapped * self.equalizer.to(base)[:, None, None, :]
-                a = self.cross_alpha[min(step, self.cross_alpha.shape[0] - 1)].to(base)
+                a = self._cross_alpha_now(step).to(base)
                 a = a[:, None, None, :]
                 cond[1:] = mapped * a + (1 - a) * own
             if self.store.wants(layer):
                 self.store.add(store_key(layer), cond.mean(1))
-        elif self.edits_self and self.self_window[0] <= step < self.self_window[1]:
-            if layer.queries <= self.self_max_queries:
-                cond[1:] = cond[:1].expand_as(cond[1:])
+        elif self.edits_self and layer.queries <= self.self_max_queries:
+            self._inject_self(cond, step)
         return probs
+
+    # the two step-dependent parts, overridden by the static controller of the fast edit
+    # loop (:mod:`editor.fastedit`), which reads them from buffers the host fills per step
+
+    def _cross_alpha_now(self, step: int) -> torch.Tensor:
+        """``K x L`` cross-attention injection weights of step ``step``."""
+        return self.cross_alpha[min(step, self.cross_alpha.shape[0] - 1)]
+
+    def _inject_self(self, cond: torch.Tensor, step: int) -> None:
+        """Targets take the source's self-attention inside the window."""
+        if self.self_window[0] <= step < self.self_window[1]:
+            cond[1:] = cond[:1].expand_as(cond[1:])

@@ -156,6 +156,17 @@ class LocalBlend:
         self.user = user
         self.user_mode = "user" if source == "user" else user_mode
 
+    def to(self, device: torch.device | str) -> LocalBlend:
+        """Move the blend's constant tensors (word weights, the user's masks) to ``device``,
+        in place; returns ``self``."""
+        if self.add is not None:
+            self.add = self.add.to(device)
+        if self.subtract is not None:
+            self.subtract = self.subtract.to(device)
+        if self.user is not None:
+            self.user = (self.user[0].to(device), self.user[1].to(device))
+        return self
+
     def wants_noise(self, step: int) -> bool:
         return self.source == "noise" and step < self.noise_until
 
@@ -163,9 +174,15 @@ class LocalBlend:
         """Accumulate ``|eps_targets - eps_source|`` (channel mean; ``1`` and ``K x C x h x w``)."""
         if not self.wants_noise(step):
             return
-        d = (eps_targets.float() - eps_source.float()).abs().mean(1, keepdim=True)
-        d = torch.cat([torch.zeros_like(d[:1]), d])  # the source row: no difference
+        d = self.difference(eps_source, eps_targets)
         self.noise = d if self.noise is None else self.noise + d
+
+    @staticmethod
+    def difference(eps_source: torch.Tensor, eps_targets: torch.Tensor) -> torch.Tensor:
+        """``rows x 1 x h x w``: the channel-mean ``|eps_targets - eps_source|``, 0 on the
+        source row."""
+        d = (eps_targets.float() - eps_source.float()).abs().mean(1, keepdim=True)
+        return torch.cat([torch.zeros_like(d[:1]), d])  # the source row: no difference
 
     def mask(self, store: AttentionStore | None, latent_hw: tuple[int, int],
              rows: int | None = None) -> torch.Tensor | None:
@@ -182,7 +199,7 @@ class LocalBlend:
         if m is None:
             if self.user_mode == "intersect" or rows is None:
                 return None
-            m = torch.zeros(rows, 1, *latent_hw, dtype=torch.bool)
+            m = torch.zeros(rows, 1, *latent_hw, dtype=torch.bool, device=u.device)
         m = (m & u) if self.user_mode == "intersect" else (m | u)
         m[0] = False
         return m
@@ -200,7 +217,9 @@ class LocalBlend:
             m = self._threshold(m, self.noise_threshold)
             # a target whose prompt equals the source's (e.g. reweight only) has no
             # difference map: leave it unblended rather than erase its edit
-            m[self._no_difference()] = True
+            # (a where, not boolean indexing: that reads the mask on the host, a sync that
+            # a CUDA graph cannot capture)
+            m = m | self._no_difference()[:, None, None, None]
             m[0] = False  # the source row keeps itself
         else:
             if maps is None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -32,6 +33,7 @@ from .attention import PromptToPrompt, StoreKey, describe_layers
 from .blending import LocalBlend, blend_keys, composite, make_blend
 from .compose import border_px, covers_everything, full_resolution, load_mask
 from .embeddings import apply_protection, reweight_rows
+from .fastedit import fast_denoise
 from .images import image_hash, load_image
 from .model import Cond
 from .options import EditOptions
@@ -41,6 +43,7 @@ from .prompts import PromptTokens
 from .sampling import check_timesteps, denoise
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .fastpath import FastPath
     from .inversion import Inversion
     from .model import Model
 
@@ -255,7 +258,8 @@ def collect(model: Model, inv: Inversion, prep: PreparedEdit, latents: torch.Ten
 
 def edit_many(model: Model, inv: Inversion, targets: Sequence[str],
               options: EditOptions | None = None, *, mask=None, original=None,
-              callback: Callback | None = None, progress: bool = True) -> list[EditResult]:
+              callback: Callback | None = None, progress: bool = True,
+              fast: FastPath | None = None) -> list[EditResult]:
     """Prompt-to-Prompt edits of one inversion into several targets, in one batch
     (options: :class:`editor.options.EditOptions`).
 
@@ -265,11 +269,13 @@ def edit_many(model: Model, inv: Inversion, targets: Sequence[str],
     the inversion was made from (checked); each result's ``image`` is then the original's
     size, the original's pixels outside the feathered mask (:mod:`editor.compose`).
     ``callback(step, total)`` after every step; returning ``False`` cancels
-    (:class:`editor.progress.Cancelled`)."""
+    (:class:`editor.progress.Cancelled`). ``fast``: a :class:`editor.fastpath.FastPath`
+    runs the sampling loop in static buffers / CUDA graphs (:mod:`editor.fastedit`)."""
     t0 = time.perf_counter()
     prep = prepare(model, inv, targets, options or EditOptions(), mask=mask, original=original)
-    latents = denoise(model, inv, prep.emb, guidance=prep.guidance, controller=prep.controller,
-                      blend=prep.blend, callback=callback, progress=progress, desc="editing")
+    run = denoise if fast is None else partial(fast_denoise, fast=fast)
+    latents = run(model, inv, prep.emb, guidance=prep.guidance, controller=prep.controller,
+                  blend=prep.blend, callback=callback, progress=progress, desc="editing")
     return collect(model, inv, prep, latents, time.perf_counter() - t0)
 
 

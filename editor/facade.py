@@ -265,6 +265,8 @@ class Editor:
         """Several targets of one inversion in one batched run (source row shared)."""
         if isinstance(targets, str):
             targets = [targets]
+        fast = self.fast_path((options or EditOptions()).fast)
         with self.model.lock:
             return editing.edit_many(self.model, inv, list(targets), options, mask=mask,
-                                     original=original, callback=callback, progress=progress)
+                                     original=original, callback=callback, progress=progress,
+                                     fast=fast)

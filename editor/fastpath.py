@@ -316,6 +316,8 @@ class FastPath:
     _unets: dict[int, torch.nn.Module] = field(default_factory=dict, repr=False, compare=False)
     _runners: dict[tuple, StaticNullText] = field(default_factory=dict, repr=False,
                                                   compare=False)
+    #: the fast edit loop's runners (:func:`editor.fastedit.edit_runner`), least recent first
+    _edit_runners: dict[tuple, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

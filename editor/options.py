@@ -23,7 +23,8 @@ from typing import Any, ClassVar
 
 #: Inversion methods (:mod:`editor.inversion`).
 METHODS = ("null-text", "negative-prompt", "direct", "ddim")
-#: Fast null-text paths (:mod:`editor.fastpath`); ``"auto"`` = CUDA graphs on CUDA, else off.
+#: Fast paths of null-text (:mod:`editor.fastpath`) and of the edit loop (:mod:`editor.fastedit`);
+#: ``"auto"`` (the default) = CUDA graphs on CUDA, else off.
 FAST_MODES = ("auto", "static-eager", "cuda-graph", "compile", "compile+cuda-graph")
 #: How a target relates to the source prompt (:mod:`editor.prompts`).
 EDIT_MODES = ("auto", "replace", "refine")
@@ -245,7 +246,7 @@ class InvertOptions(_Options):
     early_stop_epsilon: float | None = 1e-5
     max_pixels: int | None = None
     sync_every: int | None = None
-    fast: str | None = None
+    fast: str | None = "auto"
     check_reconstruction: bool = True
 
     def check(self) -> InvertOptions:
@@ -305,6 +306,9 @@ class EditOptions(_Options):
       text encoding (scales clipped to [0, 1] there).
     - ``protect`` + ``leakage``: a leakage control on the target rows' text encoding.
     - ``guidance``: defaults to the inversion's.
+    - ``fast``: how the sampling loop runs (speed only, as ``InvertOptions.fast``):
+      ``"auto"`` (CUDA graphs on CUDA, the plain loop elsewhere), ``None`` (the plain
+      loop) or a mode of :data:`FAST_MODES` (:mod:`editor.fastedit`).
     """
 
     VERB: ClassVar[str] = "edit"
@@ -327,6 +331,7 @@ class EditOptions(_Options):
     protect: tuple[str, ...] = ()
     leakage: str = "replace"
     guidance: float | None = None
+    fast: str | None = "auto"
 
     def check(self) -> EditOptions:
         check_choice("mode", self.mode, EDIT_MODES)
@@ -383,6 +388,8 @@ class EditOptions(_Options):
         check_choice("leakage", self.leakage, LEAKAGE_MODES, "leakage mode")
         if self.guidance is not None:
             self._set("guidance", check_number("guidance", self.guidance, 1.0, MAX_GUIDANCE))
+        if self.fast is not None:
+            check_choice("fast", self.fast, FAST_MODES, "fast mode")
         return self
 
     @property

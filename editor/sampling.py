@@ -60,6 +60,8 @@ def denoise(model: Model, inversion: Inversion, emb: torch.Tensor | Cond, *,
     sdxl = isinstance(emb, Cond) and emb.pooled is not None
     latents = inversion.z_T.to(dev).float().expand(rows, -1, -1, -1).clone()
     offsets = None if inversion.offsets is None else inversion.offsets.to(dev).float()
+    if blend is not None:
+        blend.to(dev)  # the user's masks and word weights on the latents' device
     hook = StepHook(callback, steps, "edit" if rows > 1 else "sampling")
     latent_hw = (int(latents.shape[-2]), int(latents.shape[-1]))
     control = (attention_control(model.unet, controller, latent_hw) if controller is not None

@@ -21,7 +21,7 @@ LAYERS: dict[str, int] = {
     # 1: the loaded model and its primitives
     "editor.loading": 1, "editor.model": 1,
     # 2: the algorithms
-    "editor.attention": 2, "editor.blending": 2, "editor.embeddings": 2, "editor.fastpath": 2,
+    "editor.attention": 2, "editor.blending": 2, "editor.embeddings": 2, "editor.fastpath": 2, "editor.fastedit": 2,
     "editor.inversion": 2, "editor.sampling": 2, "editor.editing": 2,
     # 3: the facade
     "editor.facade": 3,
