@@ -663,6 +663,24 @@ def cmd_bench_early_stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_precision(args: argparse.Namespace) -> int:
+    """Reconstruction PSNR with a bf16 / fp16 UNet against fp32 (bundled model); print JSON."""
+    from .bench import BENCH_SEEDS, bench_precision
+    from .model import _DTYPES
+
+    editor = load_editor(args)
+    mode = args.mode or ("cuda-graph" if editor.device.type == "cuda" else "static-eager")
+    out = bench_precision(editor, steps=args.steps, seeds=BENCH_SEEDS[: args.scenes],
+                          dtype=_DTYPES[args.unet_dtype], mode=mode)
+    text = json.dumps(out, indent=1)
+    if args.out:
+        from .fileio import atomic_write_bytes
+
+        atomic_write_bytes(Path(args.out), text.encode())
+    print(text)
+    return 0
+
+
 def cmd_bench_fullres(args: argparse.Namespace) -> int:
     """Peak memory and time of one edit returned at a photo's full size; print JSON."""
     from .bench import bench_fullres
@@ -695,7 +713,7 @@ def cmd_bench_requirements(args: argparse.Namespace) -> int:
 
 def cmd_bench_gpu(args: argparse.Namespace) -> int:
     """Null-text inversion and P2P edit speed at SD 1.5 size (random weights); print JSON."""
-    from .bench import DEFAULT_GPU_VARIANTS, SDXL_GPU_VARIANTS, bench_gpu
+    from .bench import ALL_GPU_VARIANTS, DEFAULT_GPU_VARIANTS, SDXL_GPU_VARIANTS, bench_gpu
 
     quiet_libraries()
     smoke = args.cpu_smoke
@@ -705,6 +723,8 @@ def cmd_bench_gpu(args: argparse.Namespace) -> int:
 
     sdxl = args.arch == "sdxl"
     variants = items(args.variants) or list(SDXL_GPU_VARIANTS if sdxl else DEFAULT_GPU_VARIANTS)
+    if variants == ["all"]:
+        variants = list(ALL_GPU_VARIANTS)
     default_batches = [1] if sdxl else [1, 2] if smoke else [1, 8]
     try:
         batches = tuple(int(b) for b in items(args.batches) or default_batches)
@@ -716,8 +736,10 @@ def cmd_bench_gpu(args: argparse.Namespace) -> int:
         device=args.device or ("cpu" if smoke else None), smoke=smoke,
         steps=args.steps or (2 if smoke else 50), num_inner_steps=args.inner or (2 if smoke else 10),
         timed_steps=None if args.timed_steps == 0 else args.timed_steps, batches=batches,
-        variants=tuple(variants), edit=not args.no_edit, out_path=args.out, log=sys.stderr,
-        arch=args.arch)
+        variants=tuple(variants), edit=not args.no_edit,
+        quality_steps=(args.quality_steps if args.quality_steps is not None
+                       else (2 if smoke else 10)) or None,
+        out_path=args.out, log=sys.stderr, arch=args.arch)
     print(json.dumps(out, indent=1))
     return 0
 
@@ -811,6 +833,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench_early_stop)
 
     p = bench_sub.add_parser(
+        "precision", help="reconstruction PSNR with a bf16 / fp16 UNet against fp32",
+        description="Invert fixed scenes in one batch with the fp32 UNet, with the fast path "
+                    "on a reduced-precision UNet copy (sampled back in fp32), and with the "
+                    "UNet in reduced precision throughout; PSNR of each (target: within "
+                    "0.3 dB of fp32).")
+    add_model_args(p, default="shapes")
+    p.add_argument("--unet-dtype", default="bfloat16", choices=["bfloat16", "float16"],
+                   help="the reduced precision (float16: CUDA only; default: bfloat16)")
+    p.add_argument("--mode", default=None, choices=["static-eager", "cuda-graph"],
+                   help="the fast path's mode (default: cuda-graph on CUDA, else static-eager)")
+    p.add_argument("--steps", type=int, default=_INV.steps,
+                   help=f"DDIM steps (default: {_INV.steps})")
+    p.add_argument("--scenes", type=int, default=4, choices=[1, 2, 3, 4],
+                   help="benchmark scenes (default: 4)")
+    p.add_argument("--out", default=None, metavar="FILE.json", help="also write the JSON here")
+    p.set_defaults(func=cmd_bench_precision)
+
+    p = bench_sub.add_parser(
         "fullres", help="memory and time of an edit returned at a photo's full size",
         description="Invert a generator scene drawn at --size at SD 1.5's pixel budget (an "
                     "SD-1.5-shaped random model, 8x VAE) and edit it with original=: peak "
@@ -866,16 +906,22 @@ def build_parser() -> argparse.ArgumentParser:
                         "that the benchmark runs, not a measurement)")
     p.add_argument("--device", default=None, help="torch device (default: cuda)")
     p.add_argument("--variants", default=None,
-                   help="comma list of eager-fp32, eager-bf16, static-eager-bf16, "
-                        "cuda-graph-bf16, cuda-graph-bf16-cl (channels-last), cuda-graph-fp16, "
-                        "compile-bf16, compile+cuda-graph-bf16 (default: all but the compile "
+                   help="comma list of eager-fp32, static-eager-fp32, cuda-graph-fp32, "
+                        "eager-bf16, static-eager-bf16, cuda-graph-bf16, cuda-graph-bf16-cl "
+                        "(channels-last), cuda-graph-fp16, compile-bf16, "
+                        "compile+cuda-graph-bf16, or 'all' (default: all but the compile "
                         "ones, whose warm-up takes minutes)")
+    p.add_argument("--quality-steps", type=int, default=None, metavar="N",
+                   help="steps of each variant's whole inversion + reconstruction, whose PSNR "
+                        "is compared with eager fp32's (0: skip; default: 10, 2 with "
+                        "--cpu-smoke)")
     p.add_argument("--batches", default=None, help="comma list of batch sizes (default: 1,8)")
     p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: 50)")
     p.add_argument("--inner", type=int, default=None, help="inner steps (default: 10)")
     p.add_argument("--timed-steps", type=int, default=5,
                    help="optimisation timesteps timed and scaled to --steps (0: all; default: 5)")
-    p.add_argument("--no-edit", action="store_true", help="skip the P2P edit timing")
+    p.add_argument("--no-edit", action="store_true",
+                   help="skip the P2P edit timings (1 and 4 targets, eager and graphed loop)")
     p.add_argument("--out", default=None, metavar="FILE.json",
                    help="also write the JSON here, rewritten after every variant")
     p.set_defaults(func=cmd_bench_gpu)

@@ -265,7 +265,10 @@ class Editor:
         """Several targets of one inversion in one batched run (source row shared)."""
         if isinstance(targets, str):
             targets = [targets]
-        fast = self.fast_path((options or EditOptions()).fast)
+        mode = (options or EditOptions()).fast
+        # the fast edit loop is SD 1.x/2.x only: "auto" is the eager loop for SDXL (a named
+        # mode is refused by the loop, as the inversion's fast path does)
+        fast = None if self.model.is_sdxl and mode == "auto" else self.fast_path(mode)
         with self.model.lock:
             return editing.edit_many(self.model, inv, list(targets), options, mask=mask,
                                      original=original, callback=callback, progress=progress,

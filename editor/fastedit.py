@@ -49,7 +49,8 @@ from __future__ import annotations
 import copy
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -66,7 +67,9 @@ from .attention import (
 from .blending import LocalBlend
 from .ddim import alpha_at, ddim_update, prev_timestep
 from .fastpath import FastPath, StaticNullText
+from .model import Cond, as_cond
 from .progress import Callback, StepHook
+from .sampling import check_timesteps
 
 if TYPE_CHECKING:  # pragma: no cover
     from .inversion import Inversion
@@ -150,7 +153,9 @@ class StaticPromptToPrompt(PromptToPrompt):
         self.self_window = like.self_window
 
     def set_step(self, step: int) -> None:
-        super().set_step(step)
+        # the step goes to the buffers only: ``self.step`` stays 0, so that a compiled UNet
+        # (torch.compile guards on the Python values it reads) is not recompiled per step
+        self.step = 0
         if self.alpha_now is not None:
             self.alpha_now.copy_(self.cross_alpha[min(step, self.cross_alpha.shape[0] - 1)])
         self.self_on.fill_(self.self_window[0] <= step < self.self_window[1])
@@ -230,6 +235,7 @@ class StaticEdit:
         self.last_mask = torch.zeros(rows, 1, *self.hw, dtype=torch.bool, device=device)
         self._replay: dict[tuple[bool, bool], Callable[[], None]] = {}
         self.capture_seconds: dict[str, float] = {}
+        self._procs: dict[str, Any] | None = None
 
     # -- buffers -----------------------------------------------------------------------------
 
@@ -320,6 +326,21 @@ class StaticEdit:
 
     # -- the loop ------------------------------------------------------------------------------
 
+    @contextmanager
+    def _controlled(self) -> Iterator[None]:
+        """:func:`editor.attention.attention_control` with this runner's processors, made
+        once and installed again on every edit (new processor objects would make a compiled
+        UNet recompile)."""
+        if self._procs is None:
+            with attention_control(self.unet, self.ctrl, self.hw):
+                self._procs = dict(self.unet.attn_processors)
+        originals = dict(self.unet.attn_processors)
+        self.unet.set_attn_processor(self._procs)
+        try:
+            yield
+        finally:
+            self.unet.set_attn_processor(originals)
+
     def sample(self, inversion: Inversion, emb: torch.Tensor, controller: PromptToPrompt,
                blend: LocalBlend | None, *, callback: Callback | None = None,
                progress: bool = True, desc: str = "editing") -> torch.Tensor:
@@ -337,7 +358,7 @@ class StaticEdit:
         pending = {self.kind(i) for i in range(steps)} - set(self._replay) if self.graphs else set()
         bar = tqdm(self.timesteps, desc=desc + (" (capturing CUDA graphs, once)" if pending
                                                 else ""), disable=not progress, leave=False)
-        with attention_control(self.unet, self.ctrl, self.hw):
+        with self._controlled():
             for i, t in enumerate(bar):
                 self.ctrl.set_step(i)
                 self.store.advance(self.per_call)
@@ -373,7 +394,7 @@ def edit_runner(fast: FastPath, model: Model, inversion: Inversion, emb: torch.T
     sched = model.scheduler()
     sched.set_timesteps(inversion.steps)
     unet = fast.unet_for(model)
-    key = (id(model.pipe.unet), int(emb.shape[0]), tuple(inversion.z_T.shape[1:]),
+    key = (id(model.pipe.unet), model.pipe.unet.dtype, int(emb.shape[0]), tuple(inversion.z_T.shape[1:]),
            tuple(emb.shape[1:]), float(guidance), inversion.steps, tuple(inversion.timesteps),
            inversion.offsets is not None, sched.config.prediction_type, str(model.device),
            _controller_signature(controller), _blend_signature(blend))
@@ -392,12 +413,20 @@ def edit_runner(fast: FastPath, model: Model, inversion: Inversion, emb: torch.T
     return runners[key]
 
 
-def fast_denoise(model: Model, inversion: Inversion, emb: torch.Tensor, *, fast: FastPath,
-                 guidance: float, controller: PromptToPrompt, blend: LocalBlend | None,
-                 callback: Callback | None = None, progress: bool = True,
-                 desc: str = "editing") -> torch.Tensor:
-    """:func:`editor.sampling.denoise` of an edit through ``fast``'s static loop (the caller
-    checked the inversion against the model)."""
+def fast_denoise(model: Model, inversion: Inversion, emb: torch.Tensor | Cond, *,
+                 fast: FastPath, guidance: float, controller: PromptToPrompt,
+                 blend: LocalBlend | None, callback: Callback | None = None,
+                 progress: bool = True, desc: str = "editing") -> torch.Tensor:
+    """:func:`editor.sampling.denoise` of an edit through ``fast``'s static loop.
+
+    SD 1.x / 2.x UNets only: an SDXL UNet's added conditioning (pooled rows, time ids) is not
+    in the buffers yet, so an SDXL edit is refused here (the facade maps ``"auto"`` to the
+    eager loop for SDXL)."""
+    if model.is_sdxl or (isinstance(emb, Cond) and emb.pooled is not None):
+        raise ValueError(f"fast={fast.mode!r}: the fast edit loop runs SD 1.x/2.x UNets only "
+                         "(not SDXL's added conditioning yet); use fast=None or 'auto'")
+    check_timesteps(model, inversion)
+    emb = as_cond(emb).tokens
     runner = edit_runner(fast, model, inversion, emb, controller, blend, guidance)
     return runner.sample(inversion, emb, controller, blend, callback=callback,
                          progress=progress, desc=desc)

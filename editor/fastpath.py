@@ -219,6 +219,10 @@ class StaticNullText:
                     v.copy_(saved[k])
         self._replay[name]()
 
+    def _warming(self, name: str) -> str:
+        """A progress-bar note while step ``name`` is still to be captured (paid once)."""
+        return " (capturing CUDA graphs, once)" if self.graphs and name not in self._replay else ""
+
     @staticmethod
     def _cuda_graph(fn: Callable[[], None], warmup: int) -> Callable[[], None]:
         """Warm up on a side stream, then capture ``fn`` as one CUDA graph (its own pool)."""
@@ -244,7 +248,8 @@ class StaticNullText:
             self.cond.copy_(cond)
             self.z.copy_(z0)
         out = [self.z.clone()]
-        for i, t in enumerate(tqdm(sched.timesteps.flip(0).tolist(), desc="DDIM inversion",
+        for i, t in enumerate(tqdm(sched.timesteps.flip(0).tolist(),
+                                   desc="DDIM inversion" + self._warming("pivot"),
                                    disable=not progress, leave=False)):
             self.set_timestep(t, steps)
             self.run("pivot")
@@ -271,7 +276,8 @@ class StaticNullText:
             self.cond.copy_(cond)
             self.emb.copy_(null.float().expand_as(self.emb))
         out, used, final = [], [], []
-        for i, t in enumerate(tqdm(sched.timesteps.tolist(), desc="null-text optimisation",
+        for i, t in enumerate(tqdm(sched.timesteps.tolist(),
+                                   desc="null-text optimisation" + self._warming("inner"),
                                    disable=not progress, leave=False)):
             self.set_timestep(t, steps)
             self.begin_inner_loop(i, pivots[steps - i - 1], early_stop_epsilon)
@@ -332,6 +338,14 @@ class FastPath:
     @property
     def graphs(self) -> bool:
         return self.mode.endswith("cuda-graph")
+
+    def warms_up(self, what: str) -> bool:
+        """Whether the next ``"invert"`` or ``"edit"`` through this path pays a warm-up (CUDA
+        graph capture or compilation) because none of that kind ran yet: what a progress bar
+        says (the first call per shape pays it once)."""
+        if not (self.graphs or self.compiled):
+            return False
+        return not (self._runners if what == "invert" else self._edit_runners)
 
     @property
     def compiled(self) -> bool:

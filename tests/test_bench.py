@@ -7,17 +7,58 @@ import json
 import pytest
 import torch
 
+from editor.bench import ALL_GPU_VARIANTS
 from editor.cli import main
 
 
-def test_bench_gpu_cpu_smoke(tmp_path, capsys):
+def _smoke(tmp_path, capsys, *extra: str) -> dict:
     out = tmp_path / "bench.json"
-    assert main(["bench", "gpu", "--cpu-smoke", "--out", str(out)]) == 0
+    assert main(["bench", "gpu", "--cpu-smoke", "--out", str(out), *extra]) == 0
     res = json.loads(capsys.readouterr().out)
     assert json.loads(out.read_text()) == res
     assert res["machine"]["device"] == "cpu" and res["model"] == "sd15-random-smoke"
     assert res["steps"] == 2 and res["num_inner_steps"] == 2 and res["early_stop"] is False
+    assert res["checks"].startswith("smoke run")
+    return res
+
+
+def _check_edits(res: dict) -> None:
+    """Edits: 1 and 4 targets, eager and the fast loop (static-eager in place of the graphs
+    on a CPU, its images identical to the eager loop's)."""
+    e = res["edits"]
+    assert set(e) == {f"{d}-{m}-{k}" for d in ("float32", "bfloat16")
+                      for m in ("eager", "cuda-graph") for k in (1, 4)}
+    for name, x in e.items():
+        assert x["seconds"] > 0 and x["steps"] == 2 and x["targets"] == int(name[-1]), x
+        if "cuda-graph" in name:
+            assert "needs a CUDA device" in x["skipped"] and x["loop"] == "static-eager"
+            assert x["psnr_vs_eager"] == [None] * x["targets"]  # identical images
+
+
+def test_bench_gpu_cpu_smoke(tmp_path, capsys):
+    """A subset of the variants at batch 1 (the whole smoke run is the slow test below)."""
+    res = _smoke(tmp_path, capsys, "--batches", "1", "--variants",
+                 "static-eager-fp32,static-eager-bf16,cuda-graph-fp16")
     r = res["results"]
+    assert set(r) == {"eager-fp32", "static-eager-fp32", "static-eager-bf16", "cuda-graph-fp16"}
+    assert "needs a CUDA device" in r["cuda-graph-fp16"]["skipped"]
+    t = r["static-eager-bf16"]["batch1"]
+    assert t["batch"] == 1 and t["seconds_per_image"] > 0 and t["timed_timesteps"] == 2
+    assert set(r["static-eager-bf16"]["early_stop_check_seconds_per_timestep"]) == {
+        "k0", "k1", "k2", "k5"}
+    # reconstruction against the fp32 path (eager-fp32 joins as the baseline): static-eager
+    # fp32 equals it exactly, bf16 does not
+    q = r["static-eager-fp32"]["quality"]
+    assert q["psnr_vs_fp32"] is None and q["delta_db"] == 0.0 and q["steps"] == 2
+    assert r["static-eager-bf16"]["quality"]["psnr_vs_fp32"] > 0
+    _check_edits(res)
+
+
+@pytest.mark.slow
+def test_bench_gpu_cpu_smoke_every_variant(tmp_path, capsys):
+    res = _smoke(tmp_path, capsys, "--variants", "all")
+    r = res["results"]
+    assert set(r) == set(ALL_GPU_VARIANTS)
     assert set(r["eager-fp32"]) >= {"batch1", "warmup_seconds"} and "batch2" not in r["eager-fp32"]
     for name in ("eager-bf16", "static-eager-bf16"):
         assert r[name]["dtype"] == "bfloat16"
@@ -25,10 +66,12 @@ def test_bench_gpu_cpu_smoke(tmp_path, capsys):
             t = r[name][f"batch{b}"]
             assert t["batch"] == b and t["seconds_per_image"] > 0 and not t["extrapolated"]
             assert t["timed_timesteps"] == 2
-    assert "needs a CUDA device" in r["cuda-graph-bf16"]["skipped"]
-    for key in ("edit_fp32", "edit_bf16"):
-        assert res[key]["seconds"] > 0 and res[key]["steps"] == 2
-    assert res["checks"].startswith("smoke run")
+        assert r[name]["quality"]["psnr_vs_fp32"] > 0
+    for name in ("cuda-graph-fp32", "cuda-graph-bf16", "cuda-graph-bf16-cl", "cuda-graph-fp16",
+                 "compile-bf16", "compile+cuda-graph-bf16"):
+        assert "needs a CUDA device" in r[name]["skipped"]
+    assert r["static-eager-fp32"]["quality"]["psnr_vs_fp32"] is None
+    _check_edits(res)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")

@@ -497,7 +497,9 @@ def invert_image(
                 prompt, editor_value)
     flag = ctx.cancel_flag(request)  # cleared when the page's job starts and ends
     inv_total = 2 * steps if method == "null-text" else steps
-    stages = ([(steps, "DDIM inversion"), (2 * steps, "null-text optimisation")]
+    fp = editor.fast_path(options.fast) if method == "null-text" else None
+    warm = " (first run: capturing CUDA graphs, once)" if fp and fp.warms_up("invert") else ""
+    stages = ([(steps, "DDIM inversion" + warm), (2 * steps, "null-text optimisation" + warm)]
               if method == "null-text" else [(steps, f"{method} inversion")])
     stages.append((inv_total + steps, "reconstruction"))
     total = inv_total + steps
@@ -559,7 +561,10 @@ def edit_image(
                            protect, leakage, mask_threshold).replace(mask_mode=mask_mode)
     user_mask = mask_from_editor(mask) if not isinstance(mask, np.ndarray) else mask
     flag = ctx.cancel_flag(request)  # cleared when the page's job starts and ends
-    cb = _progress_callback(progress, flag, 0, inv.steps, [(inv.steps, "editing")])
+    fp = editor.fast_path(options.fast)  # "auto": CUDA graphs on CUDA, kept by the Editor
+    stage = ("editing (first edit: capturing CUDA graphs, once)"
+             if fp is not None and fp.warms_up("edit") and not editor.is_sdxl else "editing")
+    cb = _progress_callback(progress, flag, 0, inv.steps, [(inv.steps, stage)])
     result = editor.edit(inv, target, options, mask=user_mask, original=session.original,
                          callback=cb, progress=False)
     edited, native = result.image, result.image_native or result.image
