@@ -335,7 +335,7 @@ class StaticEdit:
             with attention_control(self.unet, self.ctrl, self.hw):
                 self._procs = dict(self.unet.attn_processors)
         originals = dict(self.unet.attn_processors)
-        self.unet.set_attn_processor(self._procs)
+        self.unet.set_attn_processor(dict(self._procs))  # (diffusers pops from the dict)
         try:
             yield
         finally:
