@@ -119,7 +119,7 @@ def test_bench_gpu_sdxl_cpu_smoke(tmp_path, capsys):
     """``bench gpu --arch sdxl``: an SDXL-shaped random pipeline (tiny in smoke mode) runs
     null-text and one edit; the fast-path variants are skipped (SD 1.x/2.x only)."""
     assert main(["bench", "gpu", "--arch", "sdxl", "--cpu-smoke", "--steps", "1", "--inner", "1",
-                 "--variants", "eager-fp32,eager-bf16,cuda-graph-bf16"]) == 0
+                 "--variants", "eager-fp32,eager-bf16,cuda-graph-bf16", "--quality-steps", "0"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["arch"] == "sdxl" and res["model"] == "sdxl-random-smoke"
     assert res["image_size"] == 128 and res["targets"] is None
@@ -127,4 +127,7 @@ def test_bench_gpu_sdxl_cpu_smoke(tmp_path, capsys):
     assert r["eager-fp32"]["batch1"]["seconds_per_image"] > 0
     assert r["eager-bf16"]["batch1"]["seconds_per_image"] > 0 and "batch2" not in r["eager-bf16"]
     assert "SD 1.x/2.x UNets only" in r["cuda-graph-bf16"]["skipped"]
-    assert res["edit_fp32"]["seconds"] > 0 and res["edit_bf16"]["seconds"] > 0
+    e = res["edits"]
+    assert e["float32-eager-1"]["seconds"] > 0 and e["bfloat16-eager-1"]["seconds"] > 0
+    assert e["bfloat16-eager-4"]["targets"] == 4
+    assert "SD 1.x/2.x UNets only" in e["float32-cuda-graph-1"]["skipped"]
