@@ -47,6 +47,7 @@ class FakeEditor:
 
     model_id = "fake"
     fingerprint = "f" * 16
+    arch = "sd"
 
     def __init__(self):
         self.calls: list[tuple] = []

@@ -149,7 +149,7 @@ TRUTH, SOURCE, REFUSE = 0.1, 0.2, 0.3
 class FakeEditor:
     """Inverts by remembering the image; ``cross_replace`` picks what an "edit" returns."""
 
-    model_id, fingerprint, native_size = "fake", "0" * 16, 64
+    model_id, fingerprint, native_size, arch = "fake", "0" * 16, 64, "sd"
 
     def __init__(self, truth: dict[str, Image.Image]):
         self.truth, self.images, self.batches = truth, {}, []

@@ -57,15 +57,15 @@ def test_an_inversion_file_never_chooses_the_model(inversion, tmp_path, capsys, 
     evil = Inversion(**{**inv.__dict__, "model_id": "someone/else-model",
                         "model_fingerprint": "0" * 16}).save(tmp_path / "evil.safetensors")
     loaded = []
-    real = Editor.from_pretrained
+    real = Editor.load
 
-    def spy(model="shapes", device=None, dtype=None):
-        loaded.append(model)
-        if model == "someone/else-model":
+    def spy(options):
+        loaded.append(options.model)
+        if options.model == "someone/else-model":
             raise ValueError("could not load 'someone/else-model' (the test stops here)")
-        return real(model, device=device, dtype=dtype)
+        return real(options)
 
-    monkeypatch.setattr("editor.facade.Editor.from_pretrained", spy)
+    monkeypatch.setattr("editor.facade.Editor.load", spy)
     monkeypatch.setenv("PIVOT_EDIT_MODEL", "shapes")
     out = tmp_path / "o.png"
     for cmd in (["edit", str(evil), "--target", inv.prompt, "-o", str(out)],
