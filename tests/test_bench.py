@@ -35,8 +35,10 @@ def _check_edits(res: dict) -> None:
             assert x["psnr_vs_eager"] == [None] * x["targets"]  # identical images
 
 
+@pytest.mark.slow
 def test_bench_gpu_cpu_smoke(tmp_path, capsys):
-    """A subset of the variants at batch 1 (the whole smoke run is the slow test below)."""
+    """A subset of the variants at batch 1 (150 s on 2 quiet cores; the SDXL smoke below runs
+    the same benchmark in the default suite, and the whole smoke run is the next test)."""
     res = _smoke(tmp_path, capsys, "--batches", "1", "--variants",
                  "static-eager-fp32,static-eager-bf16,cuda-graph-fp16")
     r = res["results"]
