@@ -111,6 +111,7 @@ def test_result_fields_and_source_is_reconstruction(editor, swaps):
     assert color.seconds > 0 and color.mask.shape == tuple(inv.z_T.shape[-2:])
 
 
+@pytest.mark.slow
 def test_reweight_takes_the_color_out_and_never_breaks_the_object(editor, inverted, measure_edits):
     """Weight 0 on the colour word takes the colour out of the object; weights above 1 keep
     colour and shape (the encoding is interpolated, never extrapolated; measured on these

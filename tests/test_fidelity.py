@@ -51,6 +51,7 @@ def test_single_object_prompts(editor):
     assert shape >= 0.80, f"shape right {shape:.0%}"
 
 
+@pytest.mark.slow
 def test_two_object_prompts(editor):
     color, _ = rates(generate_set(editor, 2, 12))  # >= 70% of 12 means at least 9
     assert color >= TWO_OBJECT_TARGET, f"both colors on the right sides {color:.0%}"

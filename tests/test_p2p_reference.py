@@ -220,7 +220,8 @@ SD15_SIZES = {"latent": (64, 64), "side": 16, "max_queries": 32**2, "store": 32*
 
 
 @pytest.mark.parametrize("case", [
-    "replace", "blend-0.3",
+    "replace",
+    pytest.param("blend-0.3", marks=pytest.mark.slow),
     pytest.param("refine-added", marks=pytest.mark.slow),
     pytest.param("refine-removed", marks=pytest.mark.slow),
     pytest.param("reweight-window", marks=pytest.mark.slow),
