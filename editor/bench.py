@@ -365,26 +365,33 @@ SMOKE_SDXL_UNET = dict(block_out_channels=(32, 32, 64), sample_size=16, norm_num
                        projection_class_embeddings_input_dim=6 * 8 + 64)
 
 
+def sdxl_pipeline(unet, vae, text, text2):
+    """A ``StableDiffusionXLPipeline`` over the given modules, with the bundled CLIP tokenizer
+    twice (the second with SDXL's ``"!"`` padding token) and SDXL base's betas (as SD 1.5's)
+    as DDIM."""
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTokenizer
+
+    from .model import bundled_model_path
+
+    folder = bundled_model_path() / "tokenizer"
+    tok = CLIPTokenizer.from_pretrained(folder)
+    tok2 = CLIPTokenizer.from_pretrained(folder, pad_token="!")
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                          clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=text, text_encoder_2=text2,
+                                     tokenizer=tok, tokenizer_2=tok2, unet=unet, scheduler=sched)
+
+
 def sdxl_random_editor(device: str | torch.device = "cuda", *, smoke: bool = False,
                        seed: int = 0) -> Editor:
     """An :class:`Editor` over an SDXL-base-shaped ``StableDiffusionXLPipeline`` with random
     weights (fp32; UNet 2.57 B parameters, CLIP ViT-L and OpenCLIP ViT-bigG text encoders,
-    1024x1024). Tokenizers: the bundled CLIP tokenizer twice, the second with SDXL's ``"!"``
-    padding token; the scheduler: SDXL base's betas (as SD 1.5's) as DDIM."""
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import (
-        CLIPTextConfig,
-        CLIPTextModel,
-        CLIPTextModelWithProjection,
-        CLIPTokenizer,
-    )
+    1024x1024), assembled by :func:`sdxl_pipeline`."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from .model import Model, bundled_model_path
+    from .model import Model
 
     unet_cfg, vae_cfg = dict(SDXL_UNET), dict(SDXL_VAE)
     text_cfg, text2_cfg = dict(SD15_TEXT), dict(SDXL_TEXT_2)
@@ -400,13 +407,7 @@ def sdxl_random_editor(device: str | torch.device = "cuda", *, smoke: bool = Fal
         vae = AutoencoderKL(**vae_cfg)
         text = CLIPTextModel(CLIPTextConfig(**text_cfg))
         text2 = CLIPTextModelWithProjection(CLIPTextConfig(**text2_cfg))
-    folder = bundled_model_path() / "tokenizer"
-    tok = CLIPTokenizer.from_pretrained(folder)
-    tok2 = CLIPTokenizer.from_pretrained(folder, pad_token="!")
-    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                          clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text, text_encoder_2=text2,
-                                     tokenizer=tok, tokenizer_2=tok2, unet=unet, scheduler=sched)
+    pipe = sdxl_pipeline(unet, vae, text, text2)
     return Editor(Model.from_pipe(pipe, "sdxl-random" + ("-smoke" if smoke else ""),
                                   device=device))
 

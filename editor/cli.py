@@ -637,6 +637,17 @@ def cmd_bench_inversion(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_json(out: dict, path: str | None) -> int:
+    """Print ``out`` as JSON, and also write it (atomically) to ``path`` when one is given."""
+    text = json.dumps(out, indent=1)
+    if path:
+        from .fileio import atomic_write_bytes
+
+        atomic_write_bytes(Path(path), text.encode())
+    print(text)
+    return 0
+
+
 def cmd_bench_early_stop(args: argparse.Namespace) -> int:
     """What null-text's early stop saves (inner steps, seconds) and costs (PSNR); print JSON."""
     from .bench import EARLY_STOP_SEEDS, bench_early_stop
@@ -654,13 +665,7 @@ def cmd_bench_early_stop(args: argparse.Namespace) -> int:
         raise ValueError(f"--scenes must be 1..{len(EARLY_STOP_SEEDS)}, got {n}")
     out = bench_early_stop(editor, steps=args.steps, num_inner_steps=args.inner_steps,
                            seeds=EARLY_STOP_SEEDS[:n], batch=args.batch, check_every=ks)
-    text = json.dumps(out, indent=1)
-    if args.out:
-        from .fileio import atomic_write_bytes
-
-        atomic_write_bytes(Path(args.out), text.encode())
-    print(text)
-    return 0
+    return _print_json(out, args.out)
 
 
 def cmd_bench_precision(args: argparse.Namespace) -> int:
@@ -672,13 +677,7 @@ def cmd_bench_precision(args: argparse.Namespace) -> int:
     mode = args.mode or ("cuda-graph" if editor.device.type == "cuda" else "static-eager")
     out = bench_precision(editor, steps=args.steps, seeds=BENCH_SEEDS[: args.scenes],
                           dtype=_DTYPES[args.unet_dtype], mode=mode)
-    text = json.dumps(out, indent=1)
-    if args.out:
-        from .fileio import atomic_write_bytes
-
-        atomic_write_bytes(Path(args.out), text.encode())
-    print(text)
-    return 0
+    return _print_json(out, args.out)
 
 
 def cmd_bench_fullres(args: argparse.Namespace) -> int:

@@ -359,18 +359,10 @@ def test_cli_model_flags_map_onto_load_options(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_sdxl_folder(tmp_path_factory) -> Path:
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import (
-        CLIPTextConfig,
-        CLIPTextModel,
-        CLIPTextModelWithProjection,
-        CLIPTokenizer,
-    )
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from editor.bench import sdxl_pipeline
 
     with torch.random.fork_rng():
         torch.manual_seed(0)
@@ -394,12 +386,7 @@ def tiny_sdxl_folder(tmp_path_factory) -> Path:
         # single-file loader tells the two apart by their width
         te2 = CLIPTextModelWithProjection(CLIPTextConfig(**{**cfg, "hidden_size": 48,
                                                             "projection_dim": 48}))
-    tok = CLIPTokenizer.from_pretrained(bundled_model_path() / "tokenizer")
-    tok2 = CLIPTokenizer.from_pretrained(bundled_model_path() / "tokenizer", pad_token="!")
-    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                          clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=tok,
-                                     tokenizer_2=tok2, unet=unet, scheduler=sched)
+    pipe = sdxl_pipeline(unet, vae, te, te2)
     out = tmp_path_factory.mktemp("sdxl") / "tiny-sdxl"
     pipe.save_pretrained(out)
     return out

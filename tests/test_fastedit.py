@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tests_support import eager_capture
 
 from editor import EditOptions, InvertOptions, editing, scenes
 from editor.fastedit import MAX_EDIT_RUNNERS, StaticEdit, edit_runner, fast_denoise
@@ -37,18 +38,6 @@ def _mask(scene) -> np.ndarray:
     m = np.zeros(scene.image.size[::-1], np.float32)
     m[: m.shape[0] // 2] = 1.0
     return m
-
-
-def _eager_capture(calls: list[str]):
-    """A stand-in for CUDA graph capture: warm up like the real one, then 'replay' eagerly."""
-
-    def capture(fn, warmup):
-        for _ in range(warmup):
-            fn()
-        calls.append(fn.__name__)
-        return fn
-
-    return capture
 
 
 def _both(editor, inv, targets, options, *, mask=None, fast=None):
@@ -125,7 +114,7 @@ def test_direct_inversion_offsets_and_capture_machinery(editor, inversions):
     p = editing.prepare(editor.model, inv, t1, EditOptions())
     runner = edit_runner(fast, editor.model, inv, p.emb, p.controller, p.blend, p.guidance)
     calls: list[str] = []
-    runner.graphs, runner._capture = True, _eager_capture(calls)
+    runner.graphs, runner._capture = True, eager_capture(calls)
     for targets in (t1, t2):
         ref, got, a, b = _both(editor, inv, targets, EditOptions(), fast=fast)
         assert torch.equal(ref, got)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests_support import eager_capture
 
 from editor import InvertOptions, scenes
 from editor.fastpath import FastPath, StaticNullText, adam_masked_, resolve_fast
@@ -37,18 +38,6 @@ def test_adam_masked_equals_torch_adam_and_freezes_rows():
     assert torch.equal(m, opt.state[ref]["exp_avg"]) and torch.equal(v, opt.state[ref]["exp_avg_sq"])
 
 
-def _eager_capture(calls: list[str]):
-    """A stand-in for CUDA graph capture: warm up like the real one, then 'replay' eagerly."""
-
-    def capture(fn, warmup):
-        for _ in range(warmup):
-            fn()
-        calls.append(fn.__name__)
-        return fn
-
-    return capture
-
-
 def test_static_step_equals_plain_loop(editor):
     """Same embeddings, stop counts and latents as the plain loop, bit for bit, whether the
     host checks the stop mask every inner step or never, eagerly or through the capture
@@ -63,7 +52,7 @@ def test_static_step_equals_plain_loop(editor):
     eager = run(editor, imgs, caps, fast=fast, sync_every=0)
     (runner,) = fast._runners.values()
     calls: list[str] = []
-    runner.graphs, runner._capture = True, _eager_capture(calls)  # exercise capture + restore
+    runner.graphs, runner._capture = True, eager_capture(calls)  # exercise capture + restore
     captured = run(editor, imgs, caps, fast=fast, sync_every=2)
     assert sorted(calls) == ["_advance", "_cond", "_inner", "_pivot"]  # each captured once
     for want, *got in zip(plain, eager, captured, strict=True):

@@ -17,3 +17,15 @@ def fake_editor_and_manifest(folder: Path):
     m.write_text(json.dumps({"id": "a", "image": "a.png", "prompt": "a red circle",
                              "edits": ["a blue circle"]}))
     return FakeEditor(), m
+
+
+def eager_capture(calls: list[str]):
+    """A stand-in for CUDA graph capture: warm up like the real one, then 'replay' eagerly."""
+
+    def capture(fn, warmup):
+        for _ in range(warmup):
+            fn()
+        calls.append(fn.__name__)
+        return fn
+
+    return capture

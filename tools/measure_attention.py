@@ -48,7 +48,12 @@ if str(ROOT) not in sys.path:  # pragma: no cover - script use
     sys.path.insert(0, str(ROOT))
 
 from editor import Editor, scenes  # noqa: E402
-from editor.attention import AttentionController, attention_control, store_key  # noqa: E402
+from editor.attention import (  # noqa: E402
+    AttentionController,
+    AttentionStore,
+    attention_control,
+    store_key,
+)
 from editor.embeddings import find_phrase  # noqa: E402
 
 
@@ -59,8 +64,7 @@ class Collector(AttentionController):
         super().__init__()
         self.cond_rows = int(cond_rows)
         self.mass: torch.Tensor | None = None  # cond_rows x tokens
-        self.sums: dict = {}
-        self.counts: dict = {}
+        self.store = AttentionStore(set())  # per-size maps (its own wants() is not used)
 
     def wants(self, layer) -> bool:
         return layer.cross
@@ -71,28 +75,12 @@ class Collector(AttentionController):
         m = p.sum(dim=(1, 2)) / p.shape[2]  # rows x tokens: summed over heads, mean over queries
         self.mass = m if self.mass is None else self.mass + m
         if not layer.mid:
-            key = store_key(layer)
-            maps = p.mean(1)  # rows x q x tokens
-            if key in self.sums:
-                self.sums[key] += maps
-                self.counts[key] += 1
-            else:
-                self.sums[key] = maps.clone()
-                self.counts[key] = 1
+            self.store.add(store_key(layer), p.mean(1))  # rows x q x tokens
         return probs
 
     def maps(self, size: int) -> torch.Tensor:
         """Mean map per row and token at ``size`` x ``size``: rows x tokens x size x size."""
-        keys = sorted(self.sums)
-        top = max((k[:2] for k in keys), key=lambda s: s[0] * s[1])
-        out = None
-        for k in keys:
-            m = self.sums[k] / self.counts[k]
-            m = m.permute(0, 2, 1).reshape(m.shape[0], m.shape[2], k[0], k[1])
-            if k[:2] != top:
-                m = F.interpolate(m, size=top, mode="bilinear", align_corners=False)
-            out = m if out is None else out + m
-        out = out / len(keys)
+        out = self.store.average()
         return F.interpolate(out, size=(size, size), mode="bilinear", align_corners=False)
 
 
