@@ -165,8 +165,9 @@ def check_auto_for_inversion(inversion) -> None:
     (which would then be refused): say so, and name the flags that load the right one."""
     from .loading import SD15, _hub_cached, resolve_model
 
-    if inversion.model_id == SD15 or _hub_cached(SD15):
-        return  # the same model, or no download: the fingerprint check decides
+    if inversion.model_id in (SD15, "auto") or _hub_cached(SD15):
+        return  # the same model (an auto load records "auto"), or no download: the
+        # fingerprint check decides
     location, _ = resolve_model("auto")
     if location == SD15:
         made = printable(inversion.model_id)

@@ -147,3 +147,4 @@ def test_auto_does_not_download_sd15_for_another_models_inversion(monkeypatch):
     # an SD 1.5 inversion: auto is the right model
     monkeypatch.setattr(loading, "_hub_reachable", lambda timeout=3.0: True)
     cli.check_auto_for_inversion(SimpleNamespace(model_id=loading.SD15))
+    cli.check_auto_for_inversion(SimpleNamespace(model_id="auto"))  # made with auto itself
